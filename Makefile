@@ -1,0 +1,51 @@
+# jaxkd: the README's commands. Everything installs into ./.venv with pinned constraints.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip install --constraint requirements/constraints.txt
+EXTRAS ?= cpu,weights,teacher-weights,dev,demo
+
+# Compiles dominate small CPU runs; keep them across invocations.
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+
+MODEL    ?= qwen2.5-coder-0.5b-instruct
+QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
+
+.PHONY: setup system-deps run generate test test-fast bench bench-generate clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -e '.[$(EXTRAS)]'
+	touch $@
+
+# Debian packages the tests use (speech synthesis for STT tests, Chromium for the browser test).
+system-deps:
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium chromium-driver >/dev/null; }
+
+# The main job on the embedded default (real packaged weights, CPU).
+run: setup
+	$(BIN)/python -m jaxkd.generate --model $(MODEL) "$(QUESTION)"
+
+generate: run
+
+test: setup system-deps
+	$(BIN)/python -m pytest -q -rs
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+bench: bench-generate
+
+bench-generate: setup
+	$(BIN)/python -m evals.bench_generate --model $(MODEL)
+
+clean:
+	rm -rf .jax_cache .pytest_cache build *.egg-info

@@ -1,0 +1,3 @@
+"""jaxkd: distil a teacher LLM into a small troubleshooting assistant with JAX/Flax NNX."""
+
+__version__ = "0.1.0"

