@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 MODEL    ?= qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
-.PHONY: setup system-deps run generate test test-fast bench bench-generate clean
+.PHONY: setup system-deps run generate demo test test-fast bench bench-generate clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ run: setup
 	$(BIN)/python -m jaxkd.generate --model $(MODEL) "$(QUESTION)"
 
 generate: run
+
+# Voice demo (Gradio on FastAPI); prints its URL.
+demo: setup
+	$(BIN)/python -m demo
 
 test: setup system-deps
 	$(BIN)/python -m pytest -q -rs
