@@ -1,0 +1,190 @@
+"""One Flax NNX decoder for the Qwen2 and Llama families, told apart only by config flags.
+
+Submodules keep the HF names (``embed_tokens``, ``layers[i].self_attn.q_proj``, ``norm``,
+``lm_head``), so ``load_hf_tensors`` / ``hf_tensors`` are a mechanical map to and from a
+transformers state dict. Layers are separate Python objects (per-layer weight arrays, no
+``lax.scan``): on CPU that decodes 2.3x faster than a stacked scan.
+
+KV cache layout (``KVCache``): one ``[B, S, K, H]`` key and value array per layer, a ``[B, S]``
+validity mask and one scalar write slot shared by the batch. Prompts of different lengths are
+left-padded (segment id 0 marks padding) and carry their own positions, so every row sees exactly
+the keys it would see alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxkd.config import ModelConfig
+from jaxkd.models.layers import DecoderLayer, Embedder, LMHead, Projection, RMSNorm, rope_cos_sin, rope_inv_freq
+from jaxkd.sharding import constrain
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values ``[B, S, K, H]``, slot validity ``[B, S]`` and the next write slot."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+    valid_bs: jax.Array   # bool: slot holds a real (non-padding) token
+    index: jax.Array      # int32 scalar: next slot to write (same for every row)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.valid_bs.shape[1])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.valid_bs.shape[0])
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
+    """An empty cache for ``batch_size`` rows of up to ``max_len`` tokens (prompt + new)."""
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_size)
+    names = ("cache_batch", "cache_length", "cache_kv_heads", None)
+    zeros = lambda: constrain(jnp.zeros(shape, dtype), names)  # noqa: E731
+    return KVCache(k=[zeros() for _ in range(cfg.num_layers)], v=[zeros() for _ in range(cfg.num_layers)],
+                   valid_bs=jnp.zeros((batch_size, max_len), jnp.bool_), index=jnp.zeros((), jnp.int32))
+
+
+class Decoder(nnx.Module):
+    """Qwen2 / Llama causal LM. ``__call__`` returns float32 logits ``[B, T, V]`` and the new cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 compute_dtype: Any = jnp.float32):
+        self.cfg = cfg
+        self.param_dtype, self.compute_dtype = param_dtype, compute_dtype
+        self.inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)  # numpy constant
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.embed_tokens = Embedder(cfg.vocab_size, cfg.hidden_size, **kw)
+        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, **kw)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array, *, cache: KVCache | None = None,
+                 segment_ids_bt: jax.Array | None = None, return_hidden: bool = False,
+                 ) -> tuple[jax.Array, KVCache | None]:
+        """Logits (or final normed hidden states with ``return_hidden``) and the updated cache.
+
+        Without a cache, attention is causal within each segment (``segment_ids_bt``; 0 = padding,
+        packed sequences restart their positions). With a cache, the T tokens are written at
+        ``cache.index``; slots with segment id 0 are never attended to.
+        """
+        b, t = input_ids_bt.shape
+        if segment_ids_bt is None:
+            seg_bt = jnp.ones((b, t), jnp.int32)
+        else:
+            seg_bt = segment_ids_bt.astype(jnp.int32)
+
+        if cache is None:
+            causal_tt = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            same_bts = (seg_bt[:, :, None] == seg_bt[:, None, :]) & (seg_bt[:, None, :] != 0)
+            mask_bts = causal_tt[None] & same_bts
+            write_index = None
+        else:
+            write_index = cache.index
+            valid_bs = jax.lax.dynamic_update_slice(cache.valid_bs, seg_bt != 0, (0, write_index))
+            slots_s = jnp.arange(cache.valid_bs.shape[1], dtype=jnp.int32)
+            query_slot_t = write_index + jnp.arange(t, dtype=jnp.int32)
+            mask_bts = valid_bs[:, None, :] & (slots_s[None, None, :] <= query_slot_t[None, :, None])
+
+        cos_bth, sin_bth = rope_cos_sin(positions_bt, self.inv_freq)
+        x_btd = self.embed_tokens(input_ids_bt)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x_btd, layer_kv = layer(x_btd, cos_bth, sin_bth, mask_bts, kv, write_index)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        h_btd = self.norm(x_btd)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_k, v=new_v, valid_bs=valid_bs, index=cache.index + t)
+        if return_hidden:
+            return h_btd, new_cache
+        return self.logits_from_hidden(h_btd), new_cache
+
+    def logits_from_hidden(self, h_btd: jax.Array) -> jax.Array:
+        """float32 logits ``[B, T, V]`` from final normed hidden states (tied or untied head)."""
+        if self.lm_head is None:
+            return self.embed_tokens.attend(h_btd)
+        return self.lm_head(h_btd)
+
+    # -- HF state dict in / out --------------------------------------------------------------
+
+    def _hf_map(self) -> dict[str, tuple[nnx.Param, Any, Any]]:
+        """HF tensor name -> (param, hf->mine, mine->hf)."""
+        ident = (lambda a: a, lambda a: a)
+        out: dict[str, tuple[nnx.Param, Any, Any]] = {
+            "model.embed_tokens.weight": (self.embed_tokens.weight, *ident),
+            "model.norm.weight": (self.norm.weight, *ident),
+        }
+        if self.lm_head is not None:
+            out["lm_head.weight"] = (self.lm_head.weight, *ident)
+        for i, layer in enumerate(self.layers):
+            pre = f"model.layers.{i}."
+            out[pre + "input_layernorm.weight"] = (layer.input_layernorm.weight, *ident)
+            out[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm.weight, *ident)
+            projs: list[tuple[str, Projection]] = [
+                (f"self_attn.{n}", getattr(layer.self_attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+            ] + [(f"mlp.{n}", getattr(layer.mlp, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+            for name, proj in projs:
+                out[pre + name + ".weight"] = (proj.weight, proj.from_hf, proj.to_hf)
+                if proj.bias is not None:
+                    shape = proj.bias.shape
+                    out[pre + name + ".bias"] = (
+                        proj.bias, lambda a, s=shape: a.reshape(s), lambda a: a.reshape(-1))
+        return out
+
+    def load_hf_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Set every parameter from an HF state dict (names and ``[out, in]`` layouts as in
+        transformers). Strict: a missing or unexpected name or a wrong shape raises ValueError
+        before anything is changed. Values are cast to the param dtype and keep their sharding."""
+        mapping = self._hf_map()
+        missing = sorted(set(mapping) - set(tensors))
+        unexpected = sorted(set(tensors) - set(mapping))
+        if self.lm_head is None and "lm_head.weight" in unexpected:
+            raise ValueError(
+                "tensor lm_head.weight was given but this Decoder ties embeddings "
+                "(cfg.tie_embeddings=True): drop lm_head.weight or build with tie_embeddings=False")
+        if missing or unexpected:
+            raise ValueError(f"HF tensors do not match the model: missing {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''} ({len(missing)} total), "
+                             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''} "
+                             f"({len(unexpected)} total)")
+        converted = {}
+        for name, (param, from_hf, to_hf) in mapping.items():
+            arr = np.asarray(tensors[name])
+            expected = to_hf(np.empty(param.shape, np.int8)).shape
+            if tuple(arr.shape) != tuple(expected):
+                raise ValueError(f"tensor {name}: model expects HF shape {tuple(expected)}, "
+                                 f"got {tuple(arr.shape)}")
+            converted[name] = from_hf(arr)
+        for name, (param, _, _) in mapping.items():
+            old = param[...]
+            value = jnp.asarray(converted[name], dtype=old.dtype)
+            sharding = getattr(old, "sharding", None)
+            param[...] = jax.device_put(value, sharding) if sharding is not None else value
+
+    def hf_tensors(self) -> dict[str, np.ndarray]:
+        """The HF state dict (float32 numpy, ``[out, in]`` layouts): inverse of ``load_hf_tensors``."""
+        return {name: np.asarray(to_hf(np.asarray(jax.device_get(param[...]), np.float32)))
+                for name, (param, _, to_hf) in self._hf_map().items()}
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count of a Decoder for ``cfg``, from shapes only (nothing is allocated)."""
+    from jaxkd.sharding import abstract_decoder, count_params as _count
+
+    return _count(abstract_decoder(cfg))

@@ -1,0 +1,268 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, gated MLP, embedder.
+
+Einsum / shape-suffix legend (names like ``x_btd`` say the axes of the array):
+
+    B batch            T target (query) length     S source (key/value) length
+    D model width      N query heads               K key/value heads
+    G query heads per kv head (N = K * G)          H head dim
+    F MLP width        V vocabulary
+
+Weights are stored input-axis first (``q_proj.weight`` is ``dnh``, ``o_proj.weight`` is ``nhd``,
+``gate_proj.weight`` is ``df``), except the embedding and ``lm_head``, which keep HF's ``vd``.
+Every ``nnx.Param`` carries logical axis names (``out_sharding``) that
+``jaxkd.sharding.LOGICAL_RULES`` maps to mesh axes. Parameters are held in ``param_dtype`` and
+cast to ``compute_dtype`` for the matmuls; norms, softmax and logits are float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+
+from jaxkd.config import ModelConfig, RopeScaling
+from jaxkd.sharding import constrain
+
+Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked rows stay NaN-free
+
+normal_init: Initializer = nnx.initializers.normal(0.02)
+zeros_init: Initializer = nnx.initializers.zeros_init()
+ones_init: Initializer = nnx.initializers.ones_init()
+
+
+def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
+               logical_names: tuple[str | None, ...], dtype: Any) -> nnx.Param:
+    """An ``nnx.Param`` with logical axis names; sharded at creation only when a mesh is set."""
+    if len(logical_names) != len(shape):
+        raise ValueError(f"{len(logical_names)} logical names {logical_names} for shape {tuple(shape)}")
+    mesh_active = not jax.sharding.get_abstract_mesh().empty
+    eager = mesh_active and nnx.using_eager_sharding()
+    if eager and not core_spmd.get_logical_axis_rules():
+        raise ValueError("building a jaxkd model under a mesh needs the logical axis rules too: "
+                         "use `with jaxkd.sharding.mesh_context(mesh):` or jaxkd.sharding.build_decoder")
+    value = init(rngs.params(), tuple(shape), dtype)
+    return nnx.Param(value, out_sharding=logical_names, eager_sharding=eager)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as HF Qwen2/Llama)."""
+
+    def __init__(self, dim: int, eps: float, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32):
+        self.eps = eps
+        self.weight = make_param(rngs, ones_init, (dim,), ("norm",), param_dtype)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        x32 = x_btd.astype(jnp.float32)
+        var_bt1 = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(var_bt1 + self.eps)).astype(x_btd.dtype)
+        return self.weight[...].astype(x_btd.dtype) * normed
+
+
+class Embedder(nnx.Module):
+    """Token embedding ``vd``; ``attend`` projects hidden states back onto the vocabulary."""
+
+    def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 compute_dtype: Any = jnp.float32):
+        self.compute_dtype = compute_dtype
+        self.weight = make_param(rngs, normal_init, (vocab_size, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, ids_bt: jax.Array) -> jax.Array:
+        x_btd = jnp.take(self.weight[...], ids_bt, axis=0).astype(self.compute_dtype)
+        return constrain(x_btd, ("batch", "length", "act_embed"))
+
+    def attend(self, x_btd: jax.Array) -> jax.Array:
+        w_vd = self.weight[...].astype(self.compute_dtype)
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd.astype(self.compute_dtype), w_vd,
+                                preferred_element_type=jnp.float32)
+        return constrain(logits_btv, ("batch", "length", "act_vocab"))
+
+
+class LMHead(nnx.Module):
+    """Untied output projection, HF layout ``vd`` (``lm_head.weight``)."""
+
+    def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+                 compute_dtype: Any = jnp.float32):
+        self.compute_dtype = compute_dtype
+        self.weight = make_param(rngs, normal_init, (vocab_size, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        w_vd = self.weight[...].astype(self.compute_dtype)
+        logits_btv = jnp.einsum("btd,vd->btv", x_btd.astype(self.compute_dtype), w_vd,
+                                preferred_element_type=jnp.float32)
+        return constrain(logits_btv, ("batch", "length", "act_vocab"))
+
+
+# ------------------------------------------------------------------------------------------
+# Rotary position embedding (NeoX / HF rotate_half convention)
+# ------------------------------------------------------------------------------------------
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies [H/2] as float32, following transformers' default/linear/llama3 rules."""
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv = (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
+    if scaling is None:
+        return inv
+    if scaling.kind == "linear":
+        return (inv / np.float32(scaling.factor)).astype(np.float32)
+    factor = scaling.factor
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = (2 * math.pi / inv).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv).astype(np.float32)
+    smooth = ((old_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(positions_bt: jax.Array, inv_freq_h2: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, T, H] for integer positions (float32)."""
+    freqs_bth2 = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_h2)
+    emb_bth = jnp.concatenate([freqs_bth2, freqs_bth2], axis=-1)
+    return jnp.cos(emb_bth), jnp.sin(emb_bth)
+
+
+def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
+    half = x_btnh.shape[-1] // 2
+    x1, x2 = x_btnh[..., :half], x_btnh[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos_bth[:, :, None, :].astype(x_btnh.dtype)
+    sin = sin_bth[:, :, None, :].astype(x_btnh.dtype)
+    return x_btnh * cos + rotated * sin
+
+
+# ------------------------------------------------------------------------------------------
+# Attention and MLP
+# ------------------------------------------------------------------------------------------
+
+
+class Projection(nnx.Module):
+    """A dense projection with an arbitrary-rank weight, applied by one einsum.
+
+    ``weight`` has shape ``in_shape + out_shape``; the HF checkpoint holds it as a 2-D
+    ``[prod(out_shape), prod(in_shape)]`` matrix (see ``to_hf`` / ``from_hf``).
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], names: tuple[str, ...],
+                 *, use_bias: bool, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self.compute_dtype = compute_dtype
+        self.weight = make_param(rngs, normal_init, in_shape + out_shape, names, param_dtype)
+        self.bias = (make_param(rngs, zeros_init, out_shape, names[len(in_shape):], param_dtype)
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array, spec: str) -> jax.Array:
+        y = jnp.einsum(spec, x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.compute_dtype)
+        return y
+
+    def hf_weight_shape(self) -> tuple[int, int]:
+        return (math.prod(self.out_shape), math.prod(self.in_shape))
+
+    def from_hf(self, w_oi: np.ndarray) -> np.ndarray:
+        """HF ``[out, in]`` matrix -> this layer's ``in_shape + out_shape`` layout."""
+        return np.ascontiguousarray(w_oi.T).reshape(self.in_shape + self.out_shape)
+
+    def to_hf(self, w: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(
+            w.reshape(math.prod(self.in_shape), math.prod(self.out_shape)).T)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE; reads and writes a per-layer KV cache if given."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.compute_dtype = compute_dtype
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.q_proj = Projection((d,), (n, h), ("embed", "q_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Projection((n, h), (d,), ("q_heads", "head_dim", "embed"), use_bias=False, **kw)
+
+    def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, mask_bts: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """``mask_bts`` is True where query t may attend key s. With ``kv`` (cache arrays
+        ``[B, S, K, H]``) the new keys/values are written at slot ``write_index`` and attention
+        runs over the whole cache; the updated arrays are returned."""
+        q_btnh = self.q_proj(x_btd, "btd,dnh->btnh")
+        k_btkh = self.k_proj(x_btd, "btd,dkh->btkh")
+        v_btkh = self.v_proj(x_btd, "btd,dkh->btkh")
+        q_btnh = constrain(apply_rope(q_btnh, cos_bth, sin_bth), ("batch", "length", "act_heads", None))
+        k_btkh = constrain(apply_rope(k_btkh, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", None))
+        v_btkh = constrain(v_btkh, ("batch", "length", "act_kv_heads", None))
+
+        new_kv = None
+        if kv is not None:
+            k_cache, v_cache = kv
+            start = (0, write_index, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+            new_kv = (k_cache, v_cache)
+            k_bskh, v_bskh = k_cache.astype(self.compute_dtype), v_cache.astype(self.compute_dtype)
+        else:
+            k_bskh, v_bskh = k_btkh, v_btkh
+
+        b, t = q_btnh.shape[:2]
+        g = self.num_heads // self.num_kv_heads
+        q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, g, self.head_dim)
+        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                                  preferred_element_type=jnp.float32) * (self.head_dim ** -0.5)
+        scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
+        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(self.compute_dtype)
+        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
+        out_btnh = out_btkgh.reshape(b, t, self.num_heads, self.head_dim)
+        out_btd = self.o_proj(out_btnh, "btnh,nhd->btd")
+        return constrain(out_btd, ("batch", "length", "act_embed")), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.gate_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
+        self.up_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
+        self.down_proj = Projection((f,), (d,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        gate_btf = self.gate_proj(x_btd, "btd,df->btf")
+        up_btf = self.up_proj(x_btd, "btd,df->btf")
+        h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
+        return constrain(self.down_proj(h_btf, "btf,fd->btd"), ("batch", "length", "act_embed"))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs,
+                                                param_dtype=param_dtype)
+        self.mlp = MLP(cfg, **kw)
+
+    def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, mask_bts: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | None = None,
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn_btd, new_kv = self.self_attn(self.input_layernorm(x_btd), cos_bth, sin_bth, mask_bts,
+                                          kv, write_index)
+        x_btd = x_btd + attn_btd
+        x_btd = x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+        return x_btd, new_kv
