@@ -152,12 +152,16 @@ class Decoder(nnx.Module):
         transformers). Strict: a missing or unexpected name or a wrong shape raises ValueError
         before anything is changed. Values are cast to the param dtype and keep their sharding."""
         mapping = self._hf_map()
+        if self.lm_head is None and "lm_head.weight" in tensors:
+            # torch's state_dict() of a tied model lists the shared tensor twice; accept only that.
+            head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+            if embed is None or not np.array_equal(np.asarray(head), np.asarray(embed)):
+                raise ValueError(
+                    "tensor lm_head.weight differs from model.embed_tokens.weight but this Decoder "
+                    "ties embeddings (cfg.tie_embeddings=True): build it with tie_embeddings=False")
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
         missing = sorted(set(mapping) - set(tensors))
         unexpected = sorted(set(tensors) - set(mapping))
-        if self.lm_head is None and "lm_head.weight" in unexpected:
-            raise ValueError(
-                "tensor lm_head.weight was given but this Decoder ties embeddings "
-                "(cfg.tie_embeddings=True): drop lm_head.weight or build with tie_embeddings=False")
         if missing or unexpected:
             raise ValueError(f"HF tensors do not match the model: missing {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} total), "
