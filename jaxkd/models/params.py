@@ -326,6 +326,11 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def read_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and dequantised tensors (HF names, ``[out, in]``) of a qwen2/llama GGUF file."""
+    cfg, tensors, _ = _read_gguf(path, dtype)
+    return cfg, tensors
+
+
+def _read_gguf(path: str | Path, dtype: Any) -> tuple[ModelConfig, dict[str, np.ndarray], bool]:
     import gguf
 
     path = Path(path)
@@ -348,9 +353,10 @@ def read_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, d
         elif cfg.arch == Arch.LLAMA and ".self_attn.k_proj." in hf_name:
             w = unpermute_rope_rows(w, cfg.num_kv_heads)
         tensors[hf_name] = w.astype(dtype, copy=False)
+    has_tokenizer = reader.get_field("tokenizer.ggml.model") is not None
     del reader
     check_tensors(cfg, tensors, str(path))
-    return cfg, tensors
+    return cfg, tensors, has_tokenizer
 
 
 # ------------------------------------------------------------------------------------------
@@ -389,6 +395,7 @@ def gguf_to_hf_dir(gguf_path: str | Path, *, sha256: str | None = None) -> Path:
     """An HF directory (f32 safetensors + tokenizer with chat template) for a GGUF, built once.
 
     ``sha256``: the file's digest when already known (packaged assets), else computed.
+    A GGUF without tokenizer metadata gives a directory without tokenizer files.
     """
     from jaxkd.models.tokenizer import tokenizer_from_gguf
 
@@ -396,8 +403,8 @@ def gguf_to_hf_dir(gguf_path: str | Path, *, sha256: str | None = None) -> Path:
     out = converted_dir(gguf_path, sha256)
     if (out / "jaxkd_source.json").exists():
         return out
-    cfg, tensors = read_gguf(gguf_path)
-    tokenizer = tokenizer_from_gguf(gguf_path)
+    cfg, tensors, has_tokenizer = _read_gguf(gguf_path, np.float32)
+    tokenizer = tokenizer_from_gguf(gguf_path) if has_tokenizer else None
     write_hf_dir(cfg, tensors, out, tokenizer=tokenizer)
     (out / "jaxkd_source.json").write_text(json.dumps(
         {"gguf": str(gguf_path.resolve()), "sha256": sha256 or _sha256_of(gguf_path),
