@@ -1,0 +1,191 @@
+"""Grain loaders for chat examples: chat template -> tokens -> prompt mask -> pack or pad -> batch.
+
+Input examples look like ``{"messages": [{"role", "content"}, ...], "meta": {...}}``; the last
+message is the assistant answer. Each batch is a dict of numpy int32 arrays (the KD contract):
+
+- ``input_ids [B, T]``
+- ``loss_mask [B, T]``: 1 where token t is a response token, predicted from position t-1 (so a
+  loss uses ``logits[:, :-1]`` against ``input_ids[:, 1:]`` weighted by ``loss_mask[:, 1:]``);
+  covers the answer and its closing end-of-turn token (``<|im_end|>``), never prompt or padding.
+- ``segment_ids [B, T]``: 0 for padding, 1..n for the documents packed into a row.
+- ``positions [B, T]``: restart at 0 at each document (0 on padding).
+- ``example_index [B]`` (pad mode only): index into ``loader.examples``, -1 for a padding row;
+  ``loader.meta(batch)`` turns it into the examples' ``meta`` dicts.
+
+Shuffling is a seeded grain shuffle (a new order each epoch, the same for the same seed); the
+iterator from ``iter(loader)`` has ``get_state()`` / ``set_state()``, and a restored iterator yields
+the same next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Sequence
+
+import grain
+import numpy as np
+
+from jaxkd.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoaderConfig:
+    seq_len: int = 1024
+    batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    pack: bool = True
+    num_epochs: int | None = 1     # None: repeat forever
+    drop_remainder: bool = True    # False: the last batch is filled up with padding rows
+    num_packing_bins: int = 0      # 0: batch_size
+    overlong: Literal["truncate", "drop"] = "truncate"
+    end_of_turn: str = "<|im_end|>"
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 2 or self.batch_size < 1:
+            raise ConfigError(f"data.loader needs seq_len >= 2 and batch_size >= 1, got "
+                              f"seq_len={self.seq_len} batch_size={self.batch_size}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.loader.num_epochs must be >= 1 or null, got {self.num_epochs}")
+
+
+def end_of_turn_id(tokenizer, token: str) -> int:
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or tid == tokenizer.unk_token_id:
+        tid = tokenizer.eos_token_id
+    if tid is None:
+        raise ValueError(f"tokenizer has no {token!r} token and no eos token; pass the chat "
+                         "template's end-of-turn token as LoaderConfig.end_of_turn")
+    return int(tid)
+
+
+def tokenize_chat(example: dict, tokenizer, *, end_of_turn: str = "<|im_end|>") -> dict[str, np.ndarray]:
+    """``input_ids`` and ``loss_mask`` (int32) of one example, before any truncation.
+
+    The prompt (every turn but the last, plus the generation prompt) and the answer are tokenized
+    separately and concatenated, exactly as at inference time: the model sees the prompt tokens and
+    must produce the answer tokens and then the end-of-turn token. Anything the template adds after
+    that token (Qwen adds a newline) is dropped.
+    """
+    messages = example["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError(f"example {example.get('meta', {}).get('id', '?')}: the last message must "
+                         "be the assistant answer")
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the "
+                         "answer, so the prompt mask cannot be placed; use a template whose "
+                         "generation prompt is a prefix of the full conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    answer_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    eot = end_of_turn_id(tokenizer, end_of_turn)
+    if eot not in answer_ids:
+        raise ValueError(f"the chat template does not close the assistant turn with {end_of_turn!r} "
+                         f"(id {eot}); set LoaderConfig.end_of_turn to the template's closing token")
+    answer_ids = answer_ids[: answer_ids.index(eot) + 1]
+    ids = np.asarray(prompt_ids + answer_ids, np.int32)
+    mask = np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(answer_ids), np.int32)])
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def _pad_row(ex: dict, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    n = len(ex["input_ids"])
+    ids = np.full(seq_len, pad_id, np.int32)
+    ids[:n] = ex["input_ids"]
+    mask = np.zeros(seq_len, np.int32)
+    mask[:n] = ex["loss_mask"]
+    seg = np.zeros(seq_len, np.int32)
+    seg[:n] = 1
+    pos = np.zeros(seq_len, np.int32)
+    pos[:n] = np.arange(n, dtype=np.int32)
+    return {"input_ids": ids, "loss_mask": mask, "segment_ids": seg, "positions": pos,
+            "example_index": np.int32(ex["example_index"])}
+
+
+class _PadBatch:
+    """Fills a short final batch with padding rows so every batch is [B, T]."""
+
+    def __init__(self, batch_size: int, pad_id: int):
+        self.batch_size, self.pad_id = batch_size, pad_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        short = self.batch_size - batch["input_ids"].shape[0]
+        if short <= 0:
+            return batch
+        out = {}
+        for k, v in batch.items():
+            fill = self.pad_id if k == "input_ids" else (-1 if k == "example_index" else 0)
+            pad = np.full((short, *v.shape[1:]), fill, v.dtype)
+            out[k] = np.concatenate([v, pad])
+        return out
+
+
+def _from_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input_ids": ex["input_ids"].astype(np.int32),
+            "loss_mask": ex["loss_mask"].astype(np.int32),
+            "segment_ids": ex["input_ids_segment_ids"].astype(np.int32),
+            "positions": ex["input_ids_positions"].astype(np.int32)}
+
+
+class ChatLoader:
+    """Tokenizes ``examples`` once, then serves batches through a grain pipeline.
+
+    ``iter(loader)`` gives a grain ``DatasetIterator`` (``get_state``/``set_state``).
+    """
+
+    def __init__(self, examples: Sequence[dict], tokenizer, cfg: LoaderConfig = LoaderConfig()):
+        self.examples = list(examples)
+        self.cfg = cfg
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+        self.stats = {"examples": len(self.examples), "truncated": 0, "dropped": 0, "tokens": 0,
+                      "response_tokens": 0}
+        rows = []
+        for i, ex in enumerate(self.examples):
+            tok = tokenize_chat(ex, tokenizer, end_of_turn=cfg.end_of_turn)
+            if len(tok["input_ids"]) > cfg.seq_len:
+                if cfg.overlong == "drop" or tok["loss_mask"][: cfg.seq_len].sum() == 0:
+                    self.stats["dropped"] += 1
+                    continue
+                tok = {k: v[: cfg.seq_len] for k, v in tok.items()}
+                self.stats["truncated"] += 1
+            self.stats["tokens"] += len(tok["input_ids"])
+            self.stats["response_tokens"] += int(tok["loss_mask"].sum())
+            rows.append({**tok, "example_index": i})
+        if not rows:
+            raise ValueError(f"no example fits seq_len={cfg.seq_len} with a response token; "
+                             "raise data.loader.seq_len")
+        self.rows = rows
+        self.dataset = self._pipeline()
+
+    def _pipeline(self) -> grain.IterDataset:
+        cfg = self.cfg
+        ds = grain.MapDataset.source(self.rows)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)
+        ds = ds.repeat(cfg.num_epochs)
+        if cfg.pack:
+            ds = ds.map(lambda ex: {"input_ids": ex["input_ids"], "loss_mask": ex["loss_mask"]})
+            it = grain.experimental.FirstFitPackIterDataset(
+                ds.to_iter_dataset(),
+                length_struct={"input_ids": cfg.seq_len, "loss_mask": cfg.seq_len},
+                num_packing_bins=cfg.num_packing_bins or cfg.batch_size, seed=cfg.seed,
+                shuffle_bins=cfg.shuffle, padding_struct={"input_ids": self.pad_id, "loss_mask": 0})
+            it = it.map(_from_packed)
+        else:
+            it = ds.map(lambda ex: _pad_row(ex, cfg.seq_len, self.pad_id)).to_iter_dataset()
+        it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
+        if not cfg.drop_remainder:
+            it = it.map(_PadBatch(cfg.batch_size, self.pad_id))
+        return it
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+    def meta(self, batch: dict[str, Any]) -> list[dict | None]:
+        """Per-row ``meta`` of the examples in a pad-mode batch (None for padding rows)."""
+        if "example_index" not in batch:
+            raise ValueError("per-example metadata needs LoaderConfig(pack=False): packed rows hold "
+                             "several examples")
+        return [self.examples[i].get("meta") if i >= 0 else None
+                for i in np.asarray(batch["example_index"]).tolist()]
