@@ -130,22 +130,28 @@ class JaxkdEngine:
                 {"role": "user", "content": user_message(question, device)}]
 
     def warmup(self) -> float:
+        """Compile prefill + decode for the prompt lengths questions actually have: a short and a
+        longest-allowed question (their padded lengths fall in the first two prompt buckets)."""
         t0 = time.perf_counter()
-        self.generator.warmup()
-        # One short real question compiles the prefill bucket and decode step actually used.
-        for _ in self.generator.stream_chat(self.messages("My earbuds will not pair.", None),
-                                            _short(self.cfg)):
-            pass
+        self.generator.warmup(self.cfg.sampling)
+        for question in WARMUP_QUESTIONS:
+            stream = self.stream(question)
+            for i, _ in enumerate(stream):
+                if i >= 1:  # prefill and one decode step ran: both are compiled
+                    break
+            stream.close()
         return time.perf_counter() - t0
 
     def stream(self, question: str, *, device: str | None = None) -> Iterator[str]:
         yield from self.generator.stream_chat(self.messages(question, device), self.cfg.sampling)
 
 
-def _short(cfg: EngineConfig):
-    import dataclasses
-
-    return dataclasses.replace(cfg.sampling, max_new_tokens=min(4, cfg.sampling.max_new_tokens))
+WARMUP_QUESTIONS = (
+    "My earbuds will not pair.",
+    "My wireless headphones keep disconnecting from my laptop and my phone every few minutes, the "
+    "sound cuts out, the noise cancelling switches itself off, the battery drains fast and the app "
+    "says the firmware is up to date. I already tried forgetting the device. What else can I do?",
+)
 
 
 def build_engine(cfg: EngineConfig) -> AnswerEngine:

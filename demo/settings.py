@@ -17,8 +17,9 @@ DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 DEFAULT_SYSTEM_PROMPT = (
     "You are a concise support assistant for consumer electronics (headphones, earbuds, "
     "speakers, soundbars, TVs, smart-home devices). Answer the user's problem with 3 to 6 short "
-    "numbered steps (1., 2., 3., ...), one action per step, most likely fix first. No preamble, "
-    "no closing remarks. Never advise opening a sealed battery or bypassing safety features.")
+    "numbered steps (1., 2., 3., ...): one action per step, one short sentence each, most likely "
+    "fix first. Plain text: no headings, no bold, no preamble, no closing remarks. Never advise "
+    "opening a sealed battery or bypassing safety features.")
 
 
 def _frozen(cls):
@@ -54,7 +55,7 @@ class EngineConfig:
     prefer_trained_checkpoint: bool = True
     runs_dir: str = "runs"
     max_seq_len: int = 1024
-    prompt_bucket: int = 64
+    prompt_bucket: int = 128
     warmup: bool = True
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=160)

@@ -1,0 +1,260 @@
+"""Bounded load test on loopback: N concurrent websocket clients against a real uvicorn server.
+
+    python -m demo.loadtest --clients 20 [--engine scripted|jaxkd] [--out evals/results/demo_load]
+
+Every client sends one question (every ``--audio-every``-th as espeak-ng speech) and must end with
+exactly one ``done`` or ``error`` message; a socket that closes without one counts as *lost*.
+/health is polled throughout. Only 127.0.0.1 is contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+QUESTIONS = (
+    "My Bluetooth earbuds keep disconnecting from my laptop. How do I fix it?",
+    "My soundbar has no sound from the TV over HDMI ARC.",
+    "My smart plug will not connect to my Wi-Fi network.",
+    "Alexa does not respond to the wake word any more.",
+)
+
+
+@dataclass
+class ClientResult:
+    client: int
+    kind: str                 # "text" | "audio"
+    outcome: str              # "done" | error code | "lost"
+    attempts: int
+    seconds: float            # from first send to the final message (last attempt)
+    first_token_s: float | None
+    retry_after: int | None
+    steps: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """uvicorn serving ``app`` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, ws_max_size: int) -> None:
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", ws_max_size=ws_max_size))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start on 127.0.0.1 within 60 s")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+async def _client(i: int, url: str, audio: bytes | None, retries: int) -> ClientResult:
+    from websockets.asyncio.client import connect
+
+    kind = "audio" if audio is not None else "text"
+    attempts, outcome, retry_after, first, steps, took = 0, "lost", None, None, 0, 0.0
+    while True:
+        attempts += 1
+        t0 = time.perf_counter()
+        first, outcome = None, "lost"
+        try:
+            async with connect(url, max_size=None, open_timeout=30) as ws:
+                if audio is not None:
+                    await ws.send(audio)
+                else:
+                    await ws.send(json.dumps({"question": QUESTIONS[i % len(QUESTIONS)]}))
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg["type"] == "token" and first is None:
+                        first = time.perf_counter() - t0
+                    if msg["type"] == "done":
+                        outcome, steps = "done", int(msg["steps"])
+                        break
+                    if msg["type"] == "error":
+                        outcome, retry_after = msg["code"], msg.get("retry_after")
+                        break
+        except Exception as e:  # a socket that dies without a final message is a lost request
+            outcome = f"lost:{type(e).__name__}"
+        took = time.perf_counter() - t0
+        if outcome == "busy" and attempts <= retries and retry_after:
+            await asyncio.sleep(retry_after)
+            continue
+        return ClientResult(i, kind, outcome, attempts, took, first, retry_after, steps)
+
+
+async def _poll_health(base: str, stop: asyncio.Event, out: dict[str, Any]) -> None:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                ok = (await http.get("/health")).json()["status"] == "ok"
+            except Exception:
+                ok = False
+            out["polls"] += 1
+            out["failures"] += 0 if ok else 1
+            out["max_s"] = max(out["max_s"], time.perf_counter() - t0)
+            await asyncio.sleep(0.25)
+
+
+async def _run_clients(port: int, clients: int, audio: bytes | None, audio_every: int,
+                       retries: int, ids: int) -> tuple[list[ClientResult], dict[str, Any], float]:
+    health = {"polls": 0, "failures": 0, "max_s": 0.0}
+    stop = asyncio.Event()
+    poller = asyncio.create_task(_poll_health(f"http://127.0.0.1:{port}", stop, health))
+    t0 = time.perf_counter()
+    tasks = [_client(i, f"ws://127.0.0.1:{port}/ws?client_id=c{i % ids}",
+                     audio if audio is not None and audio_every and i % audio_every == 0 else None,
+                     retries) for i in range(clients)]
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    stop.set()
+    await poller
+    return list(results), health, wall
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    return round(float(np.percentile(xs, q)), 3) if xs else None
+
+
+def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 4, retries: int = 0,
+             client_ids: int = 8, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Start the real app on loopback, run ``clients`` concurrent websocket clients, summarise."""
+    from demo.app import Services, create_app
+    from demo.settings import load_demo_config
+    from demo.testing import espeak_available, espeak_wav
+
+    cfg = load_demo_config(overrides=[f"engine.kind={engine}", "limits.client_key=ip+client_id",
+                                      *overrides])
+    t0 = time.perf_counter()
+    svc = Services.build(cfg)
+    start_s = time.perf_counter() - t0
+    audio = espeak_wav("my bluetooth earbuds keep disconnecting from my laptop") \
+        if espeak_available() and audio_every else None
+    try:
+        with LoopbackServer(create_app(svc), 2 * cfg.limits.max_body_bytes) as server:
+            results, health, wall = asyncio.run(
+                _run_clients(server.port, clients, audio, audio_every, retries, client_ids))
+            final_health = {"status": "ok"} if health["failures"] == 0 else {"status": "failed"}
+            snapshot = svc.queue.snapshot()
+    finally:
+        svc.queue.close()
+    outcomes: dict[str, int] = {}
+    for r in results:
+        outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+    done = [r for r in results if r.outcome == "done"]
+    lost = [r for r in results if r.outcome.startswith("lost")]
+    return {
+        "clients": clients, "engine": svc.engine.name, "audio_clients": sum(r.kind == "audio" for r in results),
+        "client_ids": client_ids, "retries_allowed": retries,
+        "limits": {"ask_rate": cfg.limits.ask_rate, "queue_size": cfg.limits.queue_size,
+                   "client_key": cfg.limits.client_key, "stt_max_waiting": cfg.stt.max_waiting},
+        "sampling_max_new_tokens": cfg.engine.sampling.max_new_tokens,
+        "outcomes": outcomes, "answered": len(done), "lost": len(lost),
+        "rejected_busy": outcomes.get("busy", 0), "rejected_rate_limited": outcomes.get("rate_limited", 0),
+        "latency_done_s": {"p50": _pct([r.seconds for r in done], 50), "p95": _pct([r.seconds for r in done], 95)},
+        "first_token_s": {"p50": _pct([r.first_token_s for r in done if r.first_token_s], 50),
+                          "p95": _pct([r.first_token_s for r in done if r.first_token_s], 95)},
+        "rejection_latency_s": {"p95": _pct([r.seconds for r in results if r.outcome in ("busy", "rate_limited")], 95)},
+        "retry_after_s": sorted({r.retry_after for r in results if r.retry_after}),
+        "health": {**health, "max_s": round(health["max_s"], 3), **final_health},
+        "queue_after": snapshot, "wall_s": round(wall, 2), "startup_s": round(start_s, 1),
+        "per_client": [asdict(r) for r in results],
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+
+
+def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
+    lines = ["# Voice demo: loopback load test", "",
+             f"- Machine: {machine()}", f"- Command: `{command}`",
+             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+             "- Each client opens `/ws` on 127.0.0.1 and asks one question (every 4th as espeak-ng "
+             "speech, so STT runs too); a request is *lost* if its socket ends without `done` or `error`.",
+             "", "| engine | clients | answered | busy | rate-limited | other errors | lost | "
+             "p50 s | p95 s | first token p50 s | /health polls (failed, max s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        other = r["clients"] - r["answered"] - r["rejected_busy"] - r["rejected_rate_limited"] - r["lost"]
+        lines.append(
+            f"| {r['engine']} | {r['clients']} | {r['answered']} | {r['rejected_busy']} | "
+            f"{r['rejected_rate_limited']} | {other} | {r['lost']} | {r['latency_done_s']['p50']} | "
+            f"{r['latency_done_s']['p95']} | {r['first_token_s']['p50']} | "
+            f"{r['health']['polls']} ({r['health']['failures']}, {r['health']['max_s']}) |")
+    lines += ["", "Settings per run: " + "; ".join(
+        f"{r['engine']}: ask_rate {r['limits']['ask_rate']} per client id ({r['client_ids']} ids), "
+        f"queue {r['limits']['queue_size']} waiting + 1 running, max_new_tokens "
+        f"{r['sampling_max_new_tokens']}, busy clients retry {r['retries_allowed']}x after Retry-After"
+        for r in runs), "",
+        "Outcomes: " + "; ".join(f"{r['engine']}: {r['outcomes']}" for r in runs), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m demo.loadtest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--engine", action="append", choices=["scripted", "jaxkd"],
+                   help="repeat to run several (default: scripted)")
+    p.add_argument("--audio-every", type=int, default=4)
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--client-ids", type=int, default=8)
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. limits.queue_size=2")
+    args = p.parse_args(argv)
+    runs = [run_load(clients=args.clients, engine=e, audio_every=args.audio_every,
+                     retries=args.retries, client_ids=args.client_ids, overrides=tuple(args.overrides))
+            for e in (args.engine or ["scripted"])]
+    command = "python -m demo.loadtest " + " ".join(argv if argv is not None else sys.argv[1:])
+    md = to_markdown(runs, command)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(
+            {"machine": machine(), "command": command, "runs": runs}, indent=2) + "\n")
+        out.with_suffix(".md").write_text(md)
+    return 0 if all(r["lost"] == 0 and r["health"]["failures"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
