@@ -61,12 +61,16 @@ class Decoder(nnx.Module):
                  compute_dtype: Any = jnp.float32):
         self.cfg = cfg
         self.param_dtype, self.compute_dtype = param_dtype, compute_dtype
-        self.inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)  # numpy constant
         kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
         self.embed_tokens = Embedder(cfg.vocab_size, cfg.hidden_size, **kw)
         self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size, **kw)
+
+    @property
+    def inv_freq(self) -> np.ndarray:
+        """RoPE inverse frequencies (a trace-time numpy constant, not model state)."""
+        return rope_inv_freq(self.cfg.head_size, self.cfg.rope_theta, self.cfg.rope_scaling)
 
     # -- forward ------------------------------------------------------------------------------
 
