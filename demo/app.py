@@ -208,9 +208,12 @@ def create_app(svc: Services, *, with_ui: bool = True) -> FastAPI:
         first = await anext(events)  # raises busy here, before the 200 is sent
 
         async def sse() -> AsyncIterator[str]:
-            yield f"event: {first['type']}\ndata: {json.dumps(first)}\n\n"
-            async for msg in events:
-                yield f"event: {msg['type']}\ndata: {json.dumps(msg)}\n\n"
+            try:
+                yield f"event: {first['type']}\ndata: {json.dumps(first)}\n\n"
+                async for msg in events:
+                    yield f"event: {msg['type']}\ndata: {json.dumps(msg)}\n\n"
+            finally:
+                await events.aclose()  # the client left: stop its generation now
 
         return StreamingResponse(sse(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -240,8 +243,8 @@ def create_app(svc: Services, *, with_ui: bool = True) -> FastAPI:
                     await _ws_request(svc, websocket, message, key, default_device)
                 except DemoError as err:
                     await websocket.send_json(err.to_dict())
-        except WebSocketDisconnect:
-            return
+        except (WebSocketDisconnect, RuntimeError):
+            return  # the client went away mid-answer; its job was cancelled on the way out
 
     if with_ui:
         import gradio as gr

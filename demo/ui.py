@@ -52,8 +52,8 @@ def _key(svc: Any, request: gr.Request | None) -> str:
 
 def _err(e: Exception) -> str:
     if isinstance(e, DemoError):
-        return f"⚠️ {e.message}"
-    return f"⚠️ something went wrong ({type(e).__name__}: {e}); try again"
+        return f"**Problem:** {e.message}"
+    return f"**Problem:** something went wrong ({type(e).__name__}: {e}); try again"
 
 
 def build_ui(svc: Any) -> gr.Blocks:
@@ -68,12 +68,12 @@ def build_ui(svc: Any) -> gr.Blocks:
         try:
             svc.limiter.check("transcribe", _key(svc, request))
             samples = load_audio(Path(path).read_bytes(), cfg.limits)
-            yield "", "🎙️ Transcribing…"
+            yield "", "Transcribing…"
             parts: list[str] = []
             t0 = time.perf_counter()
             for segment in svc.stt.segments(samples, svc.check_device(device)):
                 parts.append(segment)
-                yield " ".join(parts), "🎙️ Transcribing…"
+                yield " ".join(parts), "Transcribing…"
             if not parts:
                 raise DemoError("no_speech", "no speech was recognised (only noise or silence); "
                                 "move closer to the microphone and ask again, or type the question")
@@ -93,22 +93,22 @@ def build_ui(svc: Any) -> gr.Blocks:
             yield gr.skip(), _err(e), gr.skip()
             return
         ahead = svc.queue.snapshot()["waiting"] - 1
-        yield "", (f"⏳ Waiting for the model ({ahead} ahead)…" if ahead > 0 else "✍️ Answering…"), None
+        yield "", (f"Waiting for the model ({ahead} ahead)…" if ahead > 0 else "Answering…"), None
         text = ""
         t0 = time.perf_counter()
         try:
             for delta in job:
                 text += delta
-                yield as_numbered_markdown(text), "✍️ Answering…", gr.skip()
+                yield as_numbered_markdown(text), "Answering…", gr.skip()
         except Exception as e:
             yield as_numbered_markdown(text), _err(e), gr.skip()
             return
         finally:
             job.cancel()
         md = as_numbered_markdown(text)
-        status = f"✅ Done in {time.perf_counter() - t0:.1f} s: {count_steps(md)} steps."
+        status = f"Done in {time.perf_counter() - t0:.1f} s: {count_steps(md)} steps."
         if speak and svc.tts is not None:
-            yield md, status + " 🔊 Preparing read-back…", gr.skip()
+            yield md, status + " Preparing the spoken answer…", gr.skip()
             try:
                 yield md, status, svc.tts.samples(md)
             except Exception as e:
@@ -118,12 +118,12 @@ def build_ui(svc: Any) -> gr.Blocks:
 
     def typed_answer(question: str, device: str, speak: bool, request: gr.Request) -> Iterator[tuple]:
         if not (question or "").strip():
-            yield gr.skip(), "⚠️ Type a question or press Record first.", gr.skip()
+            yield gr.skip(), "**Problem:** type a question or press Record first.", gr.skip()
             return
         yield from answer(question, device, speak, request)
 
     with gr.Blocks(title="jaxkd: fix my gadget") as ui:
-        gr.Markdown("## 🎧 Fix my gadget\nPress **Record**, describe the problem with your "
+        gr.Markdown("## Fix my gadget: voice troubleshooting\nPress **Record**, describe the problem with your "
                     "headphones, speaker, TV or smart-home device, then press **Stop**. "
                     "Or type the question. Answers come as numbered steps.")
         with gr.Row():
@@ -144,6 +144,7 @@ def build_ui(svc: Any) -> gr.Blocks:
                             label="Example questions")
             with gr.Column(scale=1):
                 status = gr.Markdown("Ready. Engine: " + svc.engine.name, elem_id="status")
+                gr.Markdown("### Answer")
                 answer_md = gr.Markdown(label="Answer", show_label=True, container=True,
                                         buttons=["copy"], elem_id="answer")
                 share_btn = gr.Button("Share", size="sm", elem_id="share")

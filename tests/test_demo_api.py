@@ -172,3 +172,22 @@ def test_rate_limit_per_client(tmp_path):
             assert ws.receive_json()["code"] == "rate_limited"
         assert c.get("/health").json()["rate_limited"]["ask"] == 2
     svc.queue.close()
+
+
+def test_client_leaving_mid_answer_stops_its_generation():
+    import time
+
+    cfg = load_demo_config()
+    svc = Services.build(cfg, engine=ScriptedEngine(0.2), warmup=False)  # ~10 s per answer
+    with TestClient(create_app(svc, with_ui=False)) as c:
+        with c.websocket_connect("/ws") as ws:
+            ws.send_json({"question": "my speaker crackles"})
+            while ws.receive_json()["type"] != "token":
+                pass
+        deadline = time.time() + 5
+        while svc.queue.snapshot()["cancelled"] == 0 and time.time() < deadline:
+            time.sleep(0.05)
+        snap = svc.queue.snapshot()
+        assert snap["cancelled"] == 1 and snap["completed"] == 0 and not snap["running"]
+        assert c.get("/health").json()["status"] == "ok"
+    svc.queue.close()
