@@ -81,21 +81,17 @@ class ScriptedEngine:
 
 
 def latest_checkpoint(runs_dir: str | Path) -> Path | None:
-    """Newest trained model under ``runs_dir``: an HF export (config.json + *.safetensors) or an
-    orbax checkpoint directory (``_CHECKPOINT_METADATA``/``_METADATA``); None when there is none."""
+    """Newest trained model under ``runs_dir``: a jaxkd checkpoint (``jaxkd_meta.json``, written
+    last by ``jaxkd.ckpt.save``) or an HF export (config.json + *.safetensors); None if none."""
     root = Path(runs_dir)
     if not root.is_dir():
         return None
-    found: list[Path] = []
-    for marker in ("config.json", "_CHECKPOINT_METADATA", "_METADATA"):
-        for p in root.rglob(marker):
-            d = p.parent
-            if marker == "config.json" and not any(d.glob("*.safetensors")):
-                continue
-            found.append(d)
-    if not found:
-        return None
-    return max(found, key=lambda d: d.stat().st_mtime)
+    found = [p.parent for p in root.rglob(CKPT_MARKER)]
+    found += [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
+    return max(found, key=lambda d: d.stat().st_mtime) if found else None
+
+
+CKPT_MARKER = "jaxkd_meta.json"
 
 
 def resolve_model(cfg: EngineConfig) -> str:
@@ -119,11 +115,17 @@ class JaxkdEngine:
         self.cfg = cfg
         self.source = resolve_model(cfg)
         t0 = time.perf_counter()
-        self.pretrained = load_pretrained(self.source)
+        src = Path(self.source)
+        if src.is_dir() and (src / CKPT_MARKER).is_file():
+            model, tokenizer = _load_checkpoint(src, cfg.base_model)
+            self.name = f"{src.parent.name}/{src.name} (trained from {cfg.base_model})"
+        else:
+            pretrained = load_pretrained(self.source)
+            model, tokenizer = pretrained.model, pretrained.tokenizer
+            self.name = pretrained.spec.name
         self.load_seconds = time.perf_counter() - t0
-        self.name = getattr(self.pretrained.spec, "name", None) or str(self.source)
-        self.generator = Generator(self.pretrained.model, self.pretrained.tokenizer,
-                                   max_seq_len=cfg.max_seq_len, prompt_bucket=cfg.prompt_bucket)
+        self.generator = Generator(model, tokenizer, max_seq_len=cfg.max_seq_len,
+                                   prompt_bucket=cfg.prompt_bucket)
 
     def messages(self, question: str, device: str | None) -> list[dict[str, str]]:
         return [{"role": "system", "content": self.cfg.system_prompt},
@@ -144,6 +146,27 @@ class JaxkdEngine:
 
     def stream(self, question: str, *, device: str | None = None) -> Iterator[str]:
         yield from self.generator.stream_chat(self.messages(question, device), self.cfg.sampling)
+
+
+def _load_checkpoint(path: Path, base: str) -> tuple[object, object]:
+    """A jaxkd orbax checkpoint (parameters + ModelConfig) with the tokenizer of ``base``, the
+    preset it was trained from (a checkpoint stores no tokenizer)."""
+    from jaxkd import ckpt
+    from jaxkd.models import resolve_hf_dir, resolve_spec
+    from jaxkd.models.tokenizer import load_tokenizer
+
+    try:
+        from jaxkd.sharding import abstract_decoder
+
+        # A shape-only Decoder as the target (restore_model(path) without one trips over the
+        # read-only Decoder.inv_freq property in this jaxkd version).
+        model = ckpt.restore_model(path, abstract_decoder(ckpt.read_config(path)))
+    except Exception as e:
+        raise RuntimeError(
+            f"could not restore the trained checkpoint {path} ({type(e).__name__}: {e}); serve the "
+            "preset instead with engine.prefer_trained_checkpoint=false, or set engine.model to "
+            "an HF export directory") from e
+    return model, load_tokenizer(resolve_hf_dir(resolve_spec(base)))
 
 
 WARMUP_QUESTIONS = (

@@ -52,6 +52,7 @@ class EngineConfig:
 
     kind: Literal["jaxkd", "scripted"] = "jaxkd"
     model: str = "qwen2.5-coder-0.5b-instruct"
+    base_model: str = "qwen2.5-coder-0.5b-instruct"  # tokenizer source for a jaxkd checkpoint
     prefer_trained_checkpoint: bool = True
     runs_dir: str = "runs"
     max_seq_len: int = 1024

@@ -144,8 +144,9 @@ def test_latest_checkpoint_prefers_newest_export(tmp_path):
     (tmp_path / "run1" / "notes").mkdir()
     (tmp_path / "run1" / "notes" / "config.json").write_text("{}")  # no weights: ignored
     new = tmp_path / "run2" / "ckpt" / "100"
-    new.mkdir(parents=True)
-    (new / "_CHECKPOINT_METADATA").write_text("{}")
+    (new / "state").mkdir(parents=True)
+    (new / "state" / "_METADATA").write_text("{}")  # orbax's own files are not the marker
+    (new / "jaxkd_meta.json").write_text("{}")
     import os
     os.utime(old, (time.time() - 100, time.time() - 100))
     assert latest_checkpoint(tmp_path) == new
