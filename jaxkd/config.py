@@ -379,3 +379,184 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation run configs (`python -m jaxkd.train --config configs/cpu_default.yaml stage=kd`)
+# --------------------------------------------------------------------------------------------
+
+# Names of jaxkd.distill.losses.Divergence (kept here so loading a config never imports jax;
+# tests/test_configs.py checks the two lists agree).
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"]
+
+
+class Stage(str, enum.Enum):
+    TEACHER = "teacher"  # teacher answers + top-k logits into the cache (once)
+    KD = "kd"            # train the student on the cached answers / logits
+
+
+def _teacher_sampling() -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=160, temperature=0.0)
+
+
+@_frozen
+class TeacherConfig:
+    """Who answers the training prompts, how, and where the answers and logits are kept."""
+
+    preset: str = "qwen2.5-coder-1.5b-instruct"
+    sampling: SamplingConfig = dataclasses.field(default_factory=_teacher_sampling)
+    batch_size: int = 8
+    top_k: int = 16                 # teacher logits kept per answer token; 0: answers only
+    logit_temperature: float = 1.0  # temperature of the stored top-k log-probs
+    grounding: Literal["none", "reference"] = "none"
+    cache_dir: str = "runs/teacher_cache"  # JSONL + .npz top-k store (not committed)
+    answers_dir: str = "jaxkd/data/teacher"  # committed text answers with provenance
+    splits: tuple[str, ...] = ("train", "val")
+    questions: Literal["all", "first"] = "first"
+    limit_per_split: dict[str, int] = dataclasses.field(default_factory=dict)  # 0/absent: all
+    max_seq_len: int = 1024
+    prompt_bucket: int = 64
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"teacher.batch_size must be > 0, got {self.batch_size}")
+        if self.top_k < 0:
+            raise ConfigError(f"teacher.top_k must be >= 0 (0 = answers only), got {self.top_k}")
+        if self.logit_temperature <= 0:
+            raise ConfigError(f"teacher.logit_temperature must be > 0, got {self.logit_temperature}")
+        for s in self.splits:
+            if s not in ("train", "val", "test"):
+                raise ConfigError(f"teacher.splits: {s!r} is not allowed; allowed: ['train', 'val', 'test']")
+
+
+@_frozen
+class DistillConfig:
+    """The student objective: alpha * CE(teacher answer) + (1 - alpha) * tau^2 * D(teacher || student)."""
+
+    loss: LossKind = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5   # 1.0: pure response KD (SFT on teacher answers)
+    beta: float = 0.5    # mixing weight of jsd / skew divergences
+    use_cache: bool = True  # soft targets from the teacher's top-k store (else alpha must be 1)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.beta < 1.0:
+            raise ConfigError(f"distill.beta must be in (0, 1), got {self.beta}")
+        if not self.use_cache and self.alpha != 1.0:
+            raise ConfigError(f"distill.alpha={self.alpha} needs teacher logits: set distill.use_cache "
+                              "true (teacher top-k store) or distill.alpha 1.0 (response KD only)")
+
+
+@_frozen
+class DomainSamplingConfig:
+    """Every ``every_steps`` steps: per-subdomain KL gap on val -> bounded sampling weights."""
+
+    enabled: bool = True
+    key: Literal["device", "issue", "category"] = "category"
+    every_steps: int = 20
+    tau: float = 1.0
+    floor: float = 0.25
+    cap: float = 4.0
+    val_examples: int = 0  # val prompts used to measure the gap; 0: all with teacher answers
+
+    def __post_init__(self) -> None:
+        if self.every_steps <= 0:
+            raise ConfigError(f"domain_sampling.every_steps must be > 0, got {self.every_steps}")
+        if self.tau <= 0:
+            raise ConfigError(f"domain_sampling.tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.floor <= 1.0 <= self.cap:
+            raise ConfigError(f"domain_sampling needs 0 <= floor <= 1 <= cap, got floor={self.floor}, "
+                              f"cap={self.cap}")
+
+
+@_frozen
+class TrainConfig:
+    """Optimiser, schedule, trainable subset, checkpointing and logging of the student run."""
+
+    steps: int = 60
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_len: int = 288          # tokens per example (prompt + answer), padded/truncated
+    lr: float = 1e-5
+    warmup_steps: int = 5
+    schedule: Literal["cosine", "constant"] = "cosine"
+    end_lr_ratio: float = 0.1   # cosine decays to lr * end_lr_ratio
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0      # global-norm clipping; 0: off
+    trainable: Literal["all", "no_embed", "lora"] = "no_embed"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    seed: int = 0
+    ckpt_every: int = 0         # 0: only at the end
+    keep: int = 2
+    log_every: int = 1
+    eval_every: int = 0         # val imitation loss every N steps; 0: only at the end
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "keep", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup_steps", "ckpt_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"train.clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
+        if not 0.0 <= self.end_lr_ratio <= 1.0:
+            raise ConfigError(f"train.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+
+
+@_frozen
+class DataConfig:
+    """Which prompts the student trains and validates on."""
+
+    train_split: str = "train"
+    val_split: str = "val"
+    questions: Literal["all", "first"] = "first"
+    built_dir: str | None = None  # None: jaxkd/data/built
+
+
+@_frozen
+class MeshConfig:
+    """Device mesh for the student step (1 x 1 x 1 on CPU)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@_frozen
+class RunConfig:
+    """One distillation run: ``stage=teacher`` fills the teacher cache, ``stage=kd`` trains."""
+
+    stage: Stage = Stage.KD
+    name: str = "kd"
+    runs_dir: str = "runs"
+    student: str = "qwen2.5-coder-0.5b-instruct"
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
+    domain_sampling: DomainSamplingConfig = dataclasses.field(default_factory=DomainSamplingConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self) -> None:
+        if (self.distill.use_cache and self.distill.alpha < 1.0 and self.teacher.top_k == 0):
+            raise ConfigError("distill.alpha < 1 with distill.use_cache needs teacher.top_k > 0 "
+                              "(the top-k logit store); set teacher.top_k or distill.alpha: 1.0")
+        if (self.distill.use_cache and self.distill.alpha < 1.0
+                and self.distill.temperature != self.teacher.logit_temperature):
+            raise ConfigError(
+                f"distill.temperature ({self.distill.temperature}) must equal "
+                f"teacher.logit_temperature ({self.teacher.logit_temperature}): the top-k store holds "
+                "log-probs at that temperature")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name

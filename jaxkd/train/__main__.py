@@ -1,0 +1,80 @@
+"""``python -m jaxkd.train --config configs/cpu_default.yaml stage=teacher|kd [key.path=value ...]``
+
+stage=teacher  the teacher answers the training (and validation) prompts once; answers and top-k
+               logits go to ``teacher.cache_dir``, the text answers (with provenance) to
+               ``teacher.answers_dir`` for committing.
+stage=kd       the student trains on them (``--resume`` continues the run in ``runs/<name>``).
+
+Processes that load real weights should run under ``flock /tmp/jaxkd-bigmem.lock`` on a shared
+CPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def _setup_jax_cache() -> None:
+    root = Path(__file__).resolve().parents[2]
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(root / ".jax_cache"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxkd.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stage=kd train.steps=10")
+    args = parser.parse_args(argv)
+    _setup_jax_cache()
+
+    from jaxkd.config import ConfigError, RunConfig, Stage, load
+
+    try:
+        cfg = load(RunConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    if cfg.stage == Stage.TEACHER:
+        return _teacher_stage(cfg)
+    from jaxkd.train.loop import run_kd
+
+    summary = run_kd(cfg, resume=args.resume)
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
+
+
+def _teacher_stage(cfg) -> int:
+    from jaxkd.distill import teacher as T
+    from jaxkd.distill.cache import TeacherCache
+    from jaxkd.models import load_pretrained
+
+    items = [it for s in cfg.teacher.splits for it in T.teacher_prompts(cfg, s)]
+    cache = TeacherCache(cfg.teacher.cache_dir)
+    todo = sum(it.key not in cache for it in items)
+    summary: dict = {}
+    if todo:
+        t0 = time.perf_counter()
+        pt = load_pretrained(cfg.teacher.preset)
+        print(f"loaded teacher {cfg.teacher.preset} in {time.perf_counter() - t0:.0f}s", flush=True)
+        summary = T.run_teacher(cfg, pt.model, pt.tokenizer, items=items,
+                                log=lambda s: print(s, flush=True))
+    prov = T.provenance(cfg, {"splits": {s: sum(it.split == s for it in items) for s in cfg.teacher.splits},
+                              "last_run": summary})
+    cache.write_provenance(prov)
+    path = T.export_stage_answers(cfg, items, prov)
+    print(f"teacher answers: {len(items)} prompts -> {path} (top-k store in {cfg.teacher.cache_dir})")
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""KD loop on tiny random models: exact kill-and-resume, NaN stop, domain re-weighting, batches."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxkd.config import (DistillConfig, DomainSamplingConfig, RunConfig, SamplingConfig,
+                          TeacherConfig, TrainConfig)
+from jaxkd.distill import teacher as T
+from jaxkd.distill.cache import TeacherCache, make_batch
+from jaxkd.distill.sampling import DomainSampler
+from jaxkd.train import loop as L
+from jaxkd.train import state as st
+from test_train_fixtures import TOKENIZER_VOCAB, byte_tokenizer, tiny_decoder, tiny_records
+
+MAX_LEN = 448
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records():
+    recs = tiny_records(3)
+    val = tiny_records(1)
+    for r in val:
+        r["id"] = "val-" + r["id"]
+        r["questions"] = [q + " (val)" for q in r["questions"]]
+    return {"train": recs, "val": val}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory, tok, records):
+    """A teacher cache filled once by a tiny random teacher (different weights than the student)."""
+    d = tmp_path_factory.mktemp("teacher")
+    cfg = _cfg(d, "fill")
+    teacher = tiny_decoder(seed=11)
+    items = [it for s in ("train", "val") for it in T.teacher_prompts(cfg, s, records=records[s])]
+    T.run_teacher(cfg, teacher, tok, items=items, log=lambda s: None)
+    return d
+
+
+def _cfg(root, name, **train_kw) -> RunConfig:
+    train = dict(steps=6, batch_size=2, max_len=MAX_LEN, lr=3e-3, warmup_steps=1, ckpt_every=2, keep=5,
+                 trainable="no_embed", seed=1)
+    train.update(train_kw)
+    return RunConfig(
+        name=name, runs_dir=str(root / "runs"),
+        teacher=TeacherConfig(preset="tiny", sampling=SamplingConfig(max_new_tokens=12), batch_size=4,
+                              top_k=4, cache_dir=str(root / "cache"), answers_dir=str(root / "answers"),
+                              prompt_bucket=64),
+        distill=DistillConfig(loss="forward_kl", alpha=0.5, temperature=1.0),
+        domain_sampling=DomainSamplingConfig(every_steps=2, key="category", tau=0.5),
+        train=TrainConfig(**train))
+
+
+def _student(tok):
+    return types.SimpleNamespace(model=tiny_decoder(seed=5), tokenizer=tok)
+
+
+def _run(root, name, tok, records, **kw):
+    hook = kw.pop("batch_hook", None)
+    resume = kw.pop("resume", False)
+    cfg = _cfg(root, name, **kw)
+    return L.run_kd(cfg, pretrained=_student(tok), records=records, batch_hook=hook, resume=resume,
+                    log=lambda s: None, progress=False)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, tok, records):
+    full = _run(cache_dir, "full", tok, records)
+    assert len(full["losses"]) == 6 and np.isfinite(full["losses"]).all()
+    assert full["losses"][-1] < full["losses"][0]  # it learns
+
+    def kill_at_3(step, batch):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return batch
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(cache_dir, "killed", tok, records, batch_hook=kill_at_3)
+    killed = L.run_kd  # noqa: F841 (the run above left checkpoints 2 behind)
+    resumed = _run(cache_dir, "killed", tok, records, resume=True)
+    assert resumed["resumed_from"] == 2
+    assert resumed["losses"] == full["losses"][2:]  # bit-exact, sampler + weights + optimizer restored
+    assert resumed["sampler"] == full["sampler"]
+    fp = jax.tree_util.tree_leaves(full["final_params"])
+    rp = jax.tree_util.tree_leaves(resumed["final_params"])
+    assert all(np.array_equal(a, b) for a, b in zip(fp, rp))
+    # the sampler was re-weighted at steps 0, 2, 4 and that was logged
+    rows = [json.loads(s) for s in (cache_dir / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
+    rw = [r for r in rows if "reweight/weights" in r]
+    assert [r["step"] for r in rw] == [0, 2, 4]
+    assert full["sampler"]["weights"] != {d: 1 / 3 for d in ("audio", "network", "wearable")}
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(cache_dir, tok, records):
+    def poison(step, batch):
+        if step == 3:
+            batch = dict(batch)
+            batch["topk_logprobs"] = np.where(batch["loss_mask"][..., None] > 0, np.nan,
+                                              batch["topk_logprobs"]).astype(np.float32)
+        return batch
+
+    with pytest.raises(L.NonFiniteLoss, match=r"became nan at step 3.*Last good checkpoint: .*ckpt/2"):
+        _run(cache_dir, "nan", tok, records, batch_hook=poison)
+    ck = st.Checkpointer(cache_dir / "runs" / "nan" / "ckpt", keep=5)
+    assert ck.latest_step() == 2
+    ck.close()
+    resumed = _run(cache_dir, "nan", tok, records, resume=True)  # the checkpoint restores and trains on
+    full = _run(cache_dir, "nan-ref", tok, records)
+    assert resumed["losses"] == full["losses"][2:]
+
+
+def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, tok, records):
+    cfg = _cfg(cache_dir, "rw")
+    model = tiny_decoder(seed=5)
+    graphdef, params, frozen = st.split_model(model, "no_embed")
+    val, _ = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
+    eval_fn = L.make_eval_step(graphdef, TOKENIZER_VOCAB)
+    # Plant: teacher == the student itself on "audio" and "wearable"; a far-off teacher on "network".
+    for ex in val:
+        b = make_batch([ex], MAX_LEN, 4)
+        logits = L.student_logits(graphdef, params, frozen, b, TOKENIZER_VOCAB)
+        lp = jax.nn.log_softmax(logits[0], axis=-1)
+        top_v, top_i = jax.lax.top_k(lp, 4)
+        n = len(ex.ids) - ex.prompt_len
+        rows = slice(ex.prompt_len - 1, ex.prompt_len - 1 + n)
+        if ex.meta["category"] == "network":
+            ex.topk_ids = np.tile(np.array([[250, 251, 252, 253]], np.int32), (n, 1))
+            ex.topk_logprobs = np.tile(np.log(np.array([[0.97, 0.01, 0.01, 0.005]], np.float32)), (n, 1))
+        else:
+            ex.topk_ids, ex.topk_logprobs = np.asarray(top_i[rows]), np.asarray(top_v[rows])
+    vb = L.batches(val, 2, MAX_LEN, 4)
+    sampler = DomainSampler([ex.meta["category"] for ex in val], seed=0)
+    prior = sampler.prior()
+    rec = L.reweight_domains(eval_fn, params, frozen, vb, [ex.meta["category"] for ex in val], sampler, cfg)
+    assert rec["gaps"]["network"] > 10 * max(rec["gaps"]["audio"], rec["gaps"]["wearable"])
+    assert rec["gaps"]["audio"] < 1e-4  # teacher == student: no gap
+    w = sampler.weights
+    assert w["network"] > 2 * prior["network"]
+    assert w["audio"] < prior["audio"] and w["wearable"] < prior["wearable"]
+    assert min(w.values()) >= cfg.domain_sampling.floor * min(prior.values()) - 1e-9  # floor holds
+    drawn = sampler.next_indices(600)
+    share = np.mean([val[i].meta["category"] == "network" for i in drawn])
+    assert share > 0.5  # the lagging subdomain is now drawn most often
+
+
+def test_batch_alignment_puts_entry_j_on_the_position_predicting_answer_token_j(cache_dir, tok, records):
+    cfg = _cfg(cache_dir, "align")
+    ex = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])[0][0]
+    cache = TeacherCache(cfg.teacher.cache_dir)
+    b = make_batch([ex], MAX_LEN, 4)
+    p = ex.prompt_len
+    n = len(ex.ids) - p
+    assert b["loss_mask"][0].sum() == n and b["loss_mask"][0, p - 2] == 0 and b["loss_mask"][0, p - 1] == 1
+    np.testing.assert_array_equal(b["targets"][0, p - 1:p - 1 + n], ex.ids[p:])
+    np.testing.assert_array_equal(b["topk_ids"][0, p - 1:p - 1 + n], ex.topk_ids)
+    # the teacher's greedy token j is its own top-1 at entry j
+    np.testing.assert_array_equal(b["topk_ids"][0, p - 1:p - 1 + n, 0], ex.ids[p:])
+    # truncation: a window that cuts the answer keeps prompt+answer prefix aligned
+    short = make_batch([ex], p + 3, 4)
+    assert short["loss_mask"][0].sum() == 4  # positions p-1..p+2 predict answer tokens 0..3
+    np.testing.assert_array_equal(short["topk_ids"][0, p - 1:p + 3], ex.topk_ids[:4])
+    np.testing.assert_array_equal(short["targets"][0, p - 1:p + 3], ex.ids[p:p + 4])
+    assert cache.entries()
+
+
+def test_grounded_teacher_student_inputs_hold_no_grounding(tmp_path, tok, records):
+    cfg = _cfg(tmp_path, "g")
+    cfg = RunConfig(**{**cfg.__dict__, "teacher": TeacherConfig(**{**cfg.teacher.__dict__, "grounding": "reference"})})
+    T.run_teacher(cfg, tiny_decoder(seed=11), tok,
+                  items=T.teacher_prompts(cfg, "train", records=records["train"][:3]), log=lambda s: None)
+    exs, missing = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
+    assert len(exs) == 3 and missing == 0
+    for ex, rec in zip(exs, records["train"][:3]):
+        text = tok.decode(ex.ids[:ex.prompt_len])
+        assert "Reference notes" not in text and rec["steps"][0] not in text
+        assert rec["questions"][0] in text
+
+
+def test_trainable_filters_and_optimizer():
+    model = tiny_decoder(seed=0)
+    _, p_all, f_all = st.split_model(model, "all")
+    _, p_ne, f_ne = st.split_model(model, "no_embed")
+    names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(p_ne)[0]}
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)
+    assert st.count(p_ne) + 2 * 263 * 36 == st.count(p_all)
+    with pytest.raises(ValueError, match="allowed"):
+        st.trainable_filter("embeddings_only")
+    lr = st.learning_rate(TrainConfig(steps=10, lr=1.0, warmup_steps=2, end_lr_ratio=0.1))
+    assert float(lr(0)) == 0.0 and float(lr(2)) == pytest.approx(1.0) and float(lr(10)) == pytest.approx(0.1)
