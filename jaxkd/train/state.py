@@ -163,3 +163,38 @@ class Checkpointer:
 def save_run_config(run_dir: Path, cfg_dict: Mapping[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=1, sort_keys=True))
+
+
+def load_trained_student(run_dir: str | Path, step: int | None = None) -> tuple[Any, int, dict]:
+    """(Pretrained with the run's trained parameters, checkpoint step, run config dict).
+
+    Loads the run's student preset, then overwrites its trainable parameters with those of the
+    checkpoint (latest unless ``step``); the optimizer state is read abstractly and dropped.
+    """
+    from jaxkd.config import RunConfig, from_dict
+    from jaxkd.models import load_pretrained
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a jaxkd.train run directory")
+    cfg_dict = json.loads(cfg_path.read_text())
+    cfg = from_dict(RunConfig, cfg_dict)
+    pt = load_pretrained(cfg.student, compute_dtype=cfg.train.compute_dtype)
+    model = pt.model
+    if cfg.train.trainable == "lora":
+        model = apply_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha)
+        pt.model = model
+    _, params, _ = split_model(model, cfg.train.trainable)
+    tx = make_optimizer(cfg.train)
+    template = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
+                "step": jax.ShapeDtypeStruct((), jnp.int32),
+                "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
+    ckpt = Checkpointer(run_dir / "ckpt", keep=10**6)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint under {run_dir / 'ckpt'}")
+    restored, _ = ckpt.restore(step, template)
+    ckpt.close()
+    nnx.update(model, restored["params"])
+    return pt, int(step), cfg_dict
