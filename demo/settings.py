@@ -85,7 +85,7 @@ class SttConfig:
     language: str = "en"
     vad: bool = True
     use_initial_prompt: bool = True
-    use_hotwords: bool = True
+    use_hotwords: bool = False
     max_concurrent: int = 1       # transcriptions running at once
     max_waiting: int = 4          # more than this waiting -> "busy, retry in N s"
     # Device category -> words Whisper should expect (brand and part names).
