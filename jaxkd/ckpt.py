@@ -180,13 +180,11 @@ def restore_model(path: str | os.PathLike, model: Any = None, *,
     if model is None:
         import jax.numpy as jnp
 
-        from jaxkd.models.layers import rope_inv_freq
         from jaxkd.sharding import abstract_decoder
 
         cfg = read_config(path)
         model = abstract_decoder(cfg, param_dtype=param_dtype or jnp.float32,
                                  compute_dtype=compute_dtype or jnp.float32)
-        model.inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
     state = nnx.state(model, nnx.Param)
     restored = restore(path, abstract_like(state, sharding))
     nnx.replace_by_pure_dict(state, restored)

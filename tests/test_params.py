@@ -243,3 +243,34 @@ def test_gguf_to_hf_dir_is_cached(tmp_path, monkeypatch):
     path.write_bytes(path.read_bytes() + b"\0" * 32)  # a different file -> a different key
     with pytest.raises(AssertionError, match="converted again"):
         params.gguf_to_hf_dir(path)
+
+
+def test_load_pretrained_hf_dir(tmp_path, monkeypatch):
+    from test_tokenizer import tiny_tokenizer_dir
+
+    from jaxkd import sharding as shd
+    from jaxkd.config import ModelSpec, WeightSource
+    from jaxkd.models import load_pretrained
+
+    ref = tiny_hf("qwen2")
+    ref.save_pretrained(tmp_path / "m")
+    tiny_tokenizer_dir(tmp_path / "m")
+    pre = load_pretrained(str(tmp_path / "m"))
+    assert pre.spec.source == WeightSource.HF and pre.tokenizer.generation_eos_ids
+    assert np.abs(jax_logits(pre.model) - torch_logits(ref)).max() < 1e-4
+
+    mesh = shd.make_mesh(fsdp=2, tensor=2)
+    sharded = load_pretrained(str(tmp_path / "m"), mesh=mesh)
+    w = sharded.model.layers[0].mlp.gate_proj.weight[...]
+    assert len(w.sharding.device_set) == 4 and not w.sharding.is_fully_replicated
+    assert np.abs(jax_logits(sharded.model) - torch_logits(ref)).max() < 1e-4
+
+    bf16 = load_pretrained(str(tmp_path / "m"), param_dtype="bfloat16")
+    assert bf16.model.layers[0].mlp.gate_proj.weight[...].dtype == jnp.bfloat16
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec(name="hub", source=WeightSource.HF, location="Qwen/Qwen2.5-7B-Instruct")
+    with pytest.raises(ConfigError, match="'Qwen/Qwen2.5-7B-Instruct' is not a local directory.*local directory"):
+        load_pretrained(spec)
+    with pytest.raises(ConfigError, match="unknown model preset 'qwen9'"):
+        load_pretrained("qwen9")

@@ -120,10 +120,7 @@ def decoder_from_hf_tensors(cfg: ModelConfig, tensors: Any, *, param_dtype: Any,
             value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
         var.set_value(value)
     tensors.clear()
-    # eval_shape also abstracted the non-parameter constants; recompute the ones we know.
-    from jaxkd.models.layers import rope_inv_freq
-
-    model.inv_freq = rope_inv_freq(cfg.head_size, cfg.rope_theta, cfg.rope_scaling)
+    # any other state (a buffer added to the Decoder later) would still be abstract: say so
     left = [jax.tree_util.keystr(path) for path, leaf in
             jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
             if isinstance(leaf, jax.ShapeDtypeStruct)]
