@@ -182,6 +182,39 @@ def reweight_domains(eval_fn: Callable, params, frozen, val_batches: Sequence[di
 # --------------------------------------------------------------------------------------------
 
 
+def make_run_mesh(cfg: RunConfig):
+    """The (data, fsdp, tensor) mesh of ``cfg.mesh``; None for a single device."""
+    m = cfg.mesh
+    if m.data * m.fsdp * m.tensor == 1:
+        return None
+    from jaxkd import sharding as shd
+
+    if cfg.train.batch_size % (m.data * m.fsdp):
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} must be a multiple of mesh.data x "
+                         f"mesh.fsdp = {m.data * m.fsdp}")
+    return shd.make_mesh(m.data, m.fsdp, m.tensor)
+
+
+def _in_mesh(mesh):
+    import contextlib
+
+    if mesh is None:
+        return contextlib.nullcontext()
+    from jaxkd import sharding as shd
+
+    return shd.mesh_context(mesh)
+
+
+def _shard_batch(batch: Mapping[str, np.ndarray], mesh) -> Mapping[str, Any]:
+    """Batch arrays split over the (data, fsdp) mesh axes along their leading (batch) axis."""
+    if mesh is None:
+        return batch
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    spec = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    return {k: jax.device_put(v, spec) for k, v in batch.items()}
+
+
 def _domains(examples: Sequence[KDExample], key: str) -> list[str]:
     return [str(ex.meta[key]) for ex in examples]
 
@@ -196,11 +229,12 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     tc, dc, dist = cfg.train, cfg.data, cfg.distill
     need_topk = dist.use_cache and dist.alpha < 1.0 or (dist.use_cache and cfg.teacher.top_k > 0)
     run_dir = cfg.run_dir
+    mesh = make_run_mesh(cfg)
     if pretrained is None:
         from jaxkd.models import load_pretrained
 
         t0 = time.perf_counter()
-        pretrained = load_pretrained(cfg.student, compute_dtype=tc.compute_dtype)
+        pretrained = load_pretrained(cfg.student, compute_dtype=tc.compute_dtype, mesh=mesh)
         log(f"loaded student {cfg.student} in {time.perf_counter() - t0:.0f}s")
     model, tokenizer = pretrained.model, pretrained.tokenizer
     vocab = real_vocab_size(tokenizer, model.cfg.vocab_size)
@@ -267,7 +301,8 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
                 batch = make_batch([train[i] for i in idx], tc.max_len, top_k)
                 if batch_hook is not None:
                     batch = batch_hook(step, batch)
-                state, metrics = step_fn(state, batch, frozen)
+                with _in_mesh(mesh):
+                    state, metrics = step_fn(state, _shard_batch(batch, mesh), frozen)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(metrics[k])]
             if bad:
