@@ -215,3 +215,20 @@ def test_sharded_run_matches_single_device(cache_dir, tok, records):
     sharded = L.run_kd(cfg, pretrained=types.SimpleNamespace(model=model, tokenizer=tok), records=records,
                        log=lambda s: None, progress=False)
     np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
+
+
+def test_lora_through_qwix_trains_only_adapters(cache_dir, tok, records):
+    student = _student(tok)
+    base = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+            jax.tree_util.tree_flatten_with_path(st.split_model(student.model, "all")[1])[0]}
+    cfg = _cfg(cache_dir, "lora", steps=4, ckpt_every=0, trainable="lora", lr=1e-2, lora_rank=4)
+    out = L.run_kd(cfg, pretrained=student, records=records, log=lambda s: None, progress=False)
+    assert out["losses"][-1] < out["losses"][0]
+    names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(out["final_params"])[0]]
+    assert names and all("lora" in n for n in names)
+    assert out["trainable_params"] < 0.2 * sum(v.size for v in base.values())
+    frozen = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
+              jax.tree_util.tree_flatten_with_path(out["frozen"])[0]}
+    same = [k for k in base if k in frozen]
+    assert len(same) == len(base)  # every base weight is frozen and unchanged
+    assert all(np.array_equal(base[k], frozen[k]) for k in same)

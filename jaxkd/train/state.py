@@ -35,7 +35,7 @@ def trainable_filter(kind: str) -> Any:
     raise ValueError(f"unknown train.trainable {kind!r}; allowed: ['all', 'no_embed', 'lora']")
 
 
-def apply_lora(model: nnx.Module, rank: int, alpha: float) -> nnx.Module:
+def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> nnx.Module:
     """Wrap the attention/MLP projections with LoRA adapters through qwix (``nnx.LoRAParam``)."""
     try:
         import qwix
@@ -46,7 +46,7 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float) -> nnx.Module:
     ids = jnp.zeros((1, 4), jnp.int32)
     pos = jnp.arange(4, dtype=jnp.int32)[None]
     try:
-        return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), ids, pos)
+        return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), ids, pos, rngs=nnx.Rngs(seed))
     except Exception as e:
         raise RuntimeError(f"qwix could not add LoRA adapters to this Decoder ({type(e).__name__}: "
                            f"{e}); use train.trainable=no_embed or all") from e
@@ -183,7 +183,7 @@ def load_trained_student(run_dir: str | Path, step: int | None = None) -> tuple[
     pt = load_pretrained(cfg.student, compute_dtype=cfg.train.compute_dtype)
     model = pt.model
     if cfg.train.trainable == "lora":
-        model = apply_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha)
+        model = apply_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.seed)
         pt.model = model
     _, params, _ = split_model(model, cfg.train.trainable)
     tx = make_optimizer(cfg.train)
