@@ -496,12 +496,14 @@ class TrainConfig:
     keep: int = 2
     log_every: int = 1
     eval_every: int = 0         # val imitation loss every N steps; 0: only at the end
+    final_generate: int = 16    # val prompts the trained student answers at the end (ROUGE-L/EM to
+                                # the teacher's answers); 0: skip
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "eval_every"):
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "final_generate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0:

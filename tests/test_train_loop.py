@@ -232,3 +232,14 @@ def test_lora_through_qwix_trains_only_adapters(cache_dir, tok, records):
     same = [k for k in base if k in frozen]
     assert len(same) == len(base)  # every base weight is frozen and unchanged
     assert all(np.array_equal(base[k], frozen[k]) for k in same)
+
+
+def test_summary_and_final_generation_against_teacher_answers(cache_dir, tok, records):
+    out = _run(cache_dir, "summ", tok, records, steps=1, ckpt_every=0)
+    gen = L.final_generation(out, out["val_examples_list"], tok, n=2, max_new_tokens=4)
+    assert gen["n"] == 2 and 0.0 <= gen["rougeL"] <= 1.0 and gen["exact_match"] in (0.0, 0.5, 1.0)
+    assert gen["samples"][0]["teacher"] == out["val_examples_list"][0].answer
+    L.write_summary(cache_dir / "runs" / "summ", out)
+    saved = json.loads((cache_dir / "runs" / "summ" / "summary.json").read_text())
+    assert set(saved["val_per_domain"]) == {"audio", "network", "wearable"}
+    assert saved["val"]["kl"] > 0 and "final_params" not in saved

@@ -193,6 +193,8 @@ class KDExample:
     prompt_len: int          # P
     topk_ids: np.ndarray | None       # [n, k] entry j predicts target j
     topk_logprobs: np.ndarray | None
+    student_messages: list | None = None
+    answer: str = ""                  # the teacher's answer text
 
 
 def kd_example(entry: TeacherEntry, prompt_ids: Sequence[int], cache: TeacherCache | None) -> KDExample:
@@ -204,8 +206,12 @@ def kd_example(entry: TeacherEntry, prompt_ids: Sequence[int], cache: TeacherCac
         tk_ids, tk_lp = cache.topk(entry)
         if tk_ids.shape[0] != len(targets):
             raise ValueError(f"{entry.example_id}: {tk_ids.shape[0]} top-k rows for {len(targets)} targets")
+        if not np.isfinite(tk_lp).all():
+            raise ValueError(f"{entry.example_id}: non-finite teacher log-probs in {cache.dir / entry.topk_file}; "
+                             "delete that entry's line from the cache and rerun stage=teacher")
     return KDExample(example_id=entry.example_id, meta=entry.meta, ids=ids, prompt_len=len(prompt_ids),
-                     topk_ids=tk_ids, topk_logprobs=tk_lp)
+                     topk_ids=tk_ids, topk_logprobs=tk_lp, student_messages=entry.student_messages,
+                     answer=entry.answer)
 
 
 def make_batch(examples: Sequence[KDExample], max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:

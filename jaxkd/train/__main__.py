@@ -45,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
 
     if cfg.stage == Stage.TEACHER:
         return _teacher_stage(cfg)
-    from jaxkd.train.loop import run_kd
+    from jaxkd.train import loop
 
-    summary = run_kd(cfg, resume=args.resume)
-    print(json.dumps(summary, indent=1, default=str))
+    t0 = time.perf_counter()
+    summary = loop.run_kd(cfg, resume=args.resume, log=lambda s: print(s, flush=True))
+    if cfg.train.final_generate and summary["val_examples_list"]:
+        summary["val_generation"] = loop.final_generation(
+            summary, summary["val_examples_list"], summary["tokenizer"], cfg.train.final_generate,
+            cfg.teacher.sampling.max_new_tokens)
+    summary["total_s"] = round(time.perf_counter() - t0, 1)
+    loop.write_summary(cfg.run_dir, summary)
+    print(json.dumps(loop.plain_summary(summary), indent=1, default=str))
     return 0
 
 

@@ -339,17 +339,45 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         summary["val"] = {k: float(v.mean()) for k, v in per_ex.items()}
         summary["val_per_domain"] = per_domain_table({k: v.tolist() for k, v in per_ex.items()},
                                                      _domains(val, key))
+    summary["val_examples_list"] = val
+    summary["tokenizer"] = tokenizer
     summary["final_params"] = state["params"]
     summary["frozen"] = frozen
     summary["graphdef"] = graphdef
     return summary
 
 
+def final_generation(summary: Mapping[str, Any], val: Sequence[KDExample], tokenizer: Any, n: int,
+                     max_new_tokens: int, batch_size: int = 8) -> dict[str, Any]:
+    """The trained student answers ``n`` val prompts greedily; ROUGE-L / exact match to the teacher."""
+    from jaxkd.config import SamplingConfig
+    from jaxkd.models.generate import Generator
+    from jaxkd.train.metrics import exact_match, rouge_l
+
+    model = nnx.merge(summary["graphdef"], summary["final_params"], summary["frozen"])
+    gen = Generator(model, tokenizer, max_seq_len=1024, prompt_bucket=64)
+    chosen = list(val[:n])
+    answers: list[str] = []
+    for i in range(0, len(chosen), batch_size):
+        answers += gen.chat([ex.student_messages for ex in chosen[i:i + batch_size]],
+                            SamplingConfig(max_new_tokens=max_new_tokens))
+    refs = [ex.answer for ex in chosen]
+    rl, em = rouge_l(answers, refs), exact_match(answers, refs)
+    return {"n": len(chosen), "rougeL": float(np.mean(rl)), "exact_match": float(np.mean(em)),
+            "samples": [{"id": ex.example_id, "student": a, "teacher": r}
+                        for ex, a, r in zip(chosen[:4], answers, refs)]}
+
+
+def plain_summary(summary: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items()
+            if k not in ("final_params", "frozen", "graphdef", "val_examples_list", "tokenizer")}
+
+
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     """summary.json (scalars) and summary.md (per-subdomain table) in ``run_dir``."""
     import json
 
-    plain = {k: v for k, v in summary.items() if k not in ("final_params", "frozen", "graphdef")}
+    plain = plain_summary(summary)
     (run_dir / "summary.json").write_text(json.dumps(plain, indent=1, default=str))
     if "val_per_domain" in plain:
         (run_dir / "summary.md").write_text(
