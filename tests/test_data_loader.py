@@ -161,3 +161,25 @@ def test_truncate_drop_and_padded_final_batch(tok, examples):
     assert dropping.stats["dropped"] == loader.stats["dropped"] + loader.stats["truncated"]
     with pytest.raises(ValueError, match="seq_len"):
         ChatLoader(examples[:3], tok, LoaderConfig(seq_len=8, batch_size=1))
+
+
+@pytest.mark.slow
+def test_mask_with_real_qwen_chat_template():
+    """The packaged Qwen2.5 tokenizer: loss mask = answer + <|im_end|>, with and without a system
+    prompt (Qwen's template then inserts its default system turn into the prompt)."""
+    from jaxkd.assets import asset_path
+    from jaxkd.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(asset_path("qwen2.5-coder-0.5b-instruct-q4_k_m"))
+    recs = load_corpus()[:8]
+    for system in (SYSTEM_PROMPT, None):
+        for ex in sft_examples(recs, system_prompt=system)[:16]:
+            t = tokenize_chat(ex, tok)
+            ids, mask = t["input_ids"], t["loss_mask"]
+            assert tok.decode(ids[mask == 1]) == ex["messages"][-1]["content"] + "<|im_end|>"
+            assert ids[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+            prompt = tok.decode(ids[mask == 0])
+            assert prompt.endswith("<|im_start|>assistant\n") and ex["messages"][-2]["content"] in prompt
+    loader = ChatLoader(sft_examples(recs), tok, LoaderConfig(seq_len=1024, batch_size=2))
+    b = next(iter(loader))
+    assert b["input_ids"].shape == (2, 1024) and loader.stats["truncated"] == 0

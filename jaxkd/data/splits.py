@@ -95,7 +95,8 @@ def assign_splits(records: list[dict], clusters: list[int], cfg: SplitConfig = S
     """Split name per record. Whole clusters move together; each device gets val and test records.
 
     Per device (in sorted order) the targets carry their fractional remainders forward so the
-    totals match the fractions; each device gets at least one val and one test cluster.
+    totals match the fractions; each device gets at least one val and one test cluster, and a
+    cluster that would overshoot a split's target is left for train.
     """
     members: dict[int, list[int]] = defaultdict(list)
     for i, c in enumerate(clusters):
@@ -119,10 +120,20 @@ def assign_splits(records: list[dict], clusters: list[int], cfg: SplitConfig = S
             want[split] += frac * n
             target = max(1, round(want[split]) - got[split])
             taken = 0
-            while queue and (taken == 0 or taken < target) and len(queue) > 1:
-                c = queue.pop(0)
+            # Clusters in seeded order, skipping any that would overshoot the target, so one big
+            # cluster cannot swallow a device's whole test share; always keep one for train.
+            for c in list(queue):
+                if taken >= target or len(queue) == 1:
+                    break
+                if taken + len(members[c]) <= target:
+                    queue.remove(c)
+                    split_of_cluster[c] = split
+                    taken += len(members[c])
+            if taken == 0:  # every cluster overshoots: take the smallest (first in seeded order)
+                c = min(queue, key=lambda c: len(members[c]))
+                queue.remove(c)
                 split_of_cluster[c] = split
-                taken += len(members[c])
+                taken = len(members[c])
             got[split] += taken
         for c in queue:
             split_of_cluster[c] = "train"

@@ -98,7 +98,8 @@ def plot(stats: dict, path: str | Path) -> None:
         ax.set_title(f"records per {facet}")
         ax.set_xlabel("records")
         ax.tick_params(axis="y", labelsize=7 if len(names) > 20 else 9)
-        ax.legend(loc="lower right")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=3)
     fig.suptitle(f"jaxkd corpus: {stats['records']} records, {stats['questions']} questions, "
                  f"{stats['heldout']} held-out QA")
     fig.tight_layout()
