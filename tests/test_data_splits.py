@@ -123,3 +123,24 @@ def test_build_idempotent_and_committed_outputs_current(built, tmp_path):
             f"jaxkd/data/built/{name} is stale: run `python -m jaxkd.data build` and commit it")
     report = json.loads((out / "dedup_report.json").read_text())
     assert report["summary"]["output_records"] == manifest["counts"]["records"]
+
+
+def test_datasets_loading_and_stats_outputs(built, tmp_path):
+    from jaxkd.data.stats import compute_stats, plot, to_markdown
+    from jaxkd.data.store import load_dataset
+
+    out, manifest = built
+    ds = load_dataset("train", built_dir=out)
+    assert len(ds) == manifest["counts"]["splits"]["train"]
+    row = ds[0]
+    assert row["split"] == "train" and isinstance(row["required"][0], list) and row["questions"]
+    assert len(load_dataset("all", built_dir=out)) == manifest["counts"]["records"]
+    stats = compute_stats(out)
+    assert sum(sum(v.values()) for v in stats["facets"]["device"].values()) == stats["records"]
+    for facet in ("category", "issue", "source"):
+        assert sum(sum(v.values()) for v in stats["facets"][facet].values()) == stats["records"]
+    md = to_markdown(stats, manifest)
+    assert f"- records: {stats['records']} (train {manifest['counts']['splits']['train']}," in md
+    assert "| smart_home |" in md and "## Per issue" in md
+    plot(stats, tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
