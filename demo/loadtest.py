@@ -42,6 +42,7 @@ class ClientResult:
     first_token_s: float | None
     retry_after: int | None
     steps: int
+    history: list[str]        # outcome of every attempt, in order
 
 
 def _free_port() -> int:
@@ -80,6 +81,7 @@ async def _client(i: int, url: str, audio: bytes | None, retries: int) -> Client
 
     kind = "audio" if audio is not None else "text"
     attempts, outcome, retry_after, first, steps, took = 0, "lost", None, None, 0, 0.0
+    history: list[str] = []
     while True:
         attempts += 1
         t0 = time.perf_counter()
@@ -103,10 +105,11 @@ async def _client(i: int, url: str, audio: bytes | None, retries: int) -> Client
         except Exception as e:  # a socket that dies without a final message is a lost request
             outcome = f"lost:{type(e).__name__}"
         took = time.perf_counter() - t0
+        history.append(outcome)
         if outcome == "busy" and attempts <= retries and retry_after:
             await asyncio.sleep(retry_after)
             continue
-        return ClientResult(i, kind, outcome, attempts, took, first, retry_after, steps)
+        return ClientResult(i, kind, outcome, attempts, took, first, retry_after, steps, history)
 
 
 async def _poll_health(base: str, stop: asyncio.Event, out: dict[str, Any]) -> None:
@@ -171,6 +174,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
     for r in results:
         outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
     done = [r for r in results if r.outcome == "done"]
+    every = [h for r in results for h in r.history]
     lost = [r for r in results if r.outcome.startswith("lost")]
     return {
         "clients": clients, "engine": svc.engine.name, "audio_clients": sum(r.kind == "audio" for r in results),
@@ -179,6 +183,8 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
                    "client_key": cfg.limits.client_key, "stt_max_waiting": cfg.stt.max_waiting},
         "sampling_max_new_tokens": cfg.engine.sampling.max_new_tokens,
         "outcomes": outcomes, "answered": len(done), "lost": len(lost),
+        "attempts": len(every), "busy_all_attempts": every.count("busy"),
+        "rate_limited_all_attempts": every.count("rate_limited"),
         "rejected_busy": outcomes.get("busy", 0), "rejected_rate_limited": outcomes.get("rate_limited", 0),
         "latency_done_s": {"p50": _pct([r.seconds for r in done], 50), "p95": _pct([r.seconds for r in done], 95)},
         "first_token_s": {"p50": _pct([r.first_token_s for r in done if r.first_token_s], 50),
@@ -225,7 +231,12 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
         f"queue {r['limits']['queue_size']} waiting + 1 running, max_new_tokens "
         f"{r['sampling_max_new_tokens']}, busy clients retry {r['retries_allowed']}x after Retry-After"
         for r in runs), "",
-        "Outcomes: " + "; ".join(f"{r['engine']}: {r['outcomes']}" for r in runs), ""]
+        "Final outcome per client: " + "; ".join(f"{r['engine']}: {r['outcomes']}" for r in runs),
+        "", "All attempts (retries included): " + "; ".join(
+            f"{r['engine']}: {r['attempts']} attempts, {r['busy_all_attempts']} busy, "
+            f"{r['rate_limited_all_attempts']} rate-limited" for r in runs),
+        "", "p50/p95: seconds from sending the question to the final `done` (answered requests, "
+        "queue wait and STT included); first token: to the first streamed token.", ""]
     return "\n".join(lines)
 
 

@@ -33,7 +33,8 @@ SPOKEN = "my bluetooth earbuds keep disconnecting from my laptop"
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     os.environ.setdefault("GRADIO_TEMP_DIR", str(tmp_path_factory.mktemp("gradio")))
-    cfg = load_demo_config(overrides=["limits.ask_rate=100/minute",
+    cfg = load_demo_config(overrides=["engine.prefer_trained_checkpoint=false",  # the packaged student
+                                      "limits.ask_rate=100/minute",
                                       "limits.transcribe_rate=100/minute"])
     svc = Services.build(cfg)  # the configured default: real weights, warm-up compiles
     assert isinstance(svc.engine, JaxkdEngine)
