@@ -81,6 +81,9 @@ def build(corpus_dir: str | Path = CORPUS_DIR, out_dir: str | Path = BUILT_DIR,
             "heldout_by_category": dict(sorted(Counter(h["category"] for h in heldout).items())),
             "heldout_by_style": dict(sorted(Counter(h["style"] for h in heldout).items())),
         },
+        "multi_record_clusters": {
+            str(c): [r["id"] for r in records if r["cluster"] == c]
+            for c, n in sorted(Counter(clusters).items()) if n > 1},
         "checks": {
             "cross_split_near_duplicates": len(leaks),
             "heldout_max_jaccard_to_train_question": round(_max_similarity_to(

@@ -11,10 +11,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from jaxkd.config import ConfigError
 from jaxkd.data.neardup import NearDupIndex
 from jaxkd.data.tagging import connections, tag_record
-from jaxkd.data.textnorm import english_score, looks_english, match_key, normalise
+from jaxkd.data.textnorm import (char_shingles, english_score, looks_english, match_key, normalise,
+                                 pairwise_jaccard)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -171,6 +174,10 @@ def clean_records(records: list[dict], cfg: CleanConfig = CleanConfig()) -> tupl
         rec["tags"] = tag_record(rec)
         out.append(rec)
 
+    report["closest_kept_records"] = _closest_pairs(
+        [(r["id"], content_text(r)) for r in out], cfg.shingle_chars)
+    report["closest_kept_questions"] = _closest_pairs(
+        [(f"{r['id']}#q{i}", q) for r in out for i, q in enumerate(r["questions"])], cfg.shingle_chars)
     report["summary"] = {
         "input_records": len(records), "output_records": len(out),
         "normalised_strings": n_changed,
@@ -182,6 +189,25 @@ def clean_records(records: list[dict], cfg: CleanConfig = CleanConfig()) -> tupl
         "dropped_too_few_questions": len(report["too_few_questions"]),
         "output_questions": sum(len(r["questions"]) for r in out)}
     return out, report
+
+
+def _closest_pairs(items: list[tuple[str, str]], k: int, top: int = 10) -> list[dict]:
+    """The ``top`` most similar kept pairs of different records: how close the survivors come to
+    the thresholds (evidence that the thresholds separate duplicates from distinct records)."""
+    if len(items) < 2:
+        return []
+    sim = pairwise_jaccard([char_shingles(t, k) for _, t in items])
+    owner = np.asarray([key.split("#")[0] for key, _ in items])
+    sim[owner[:, None] == owner[None, :]] = -1.0
+    sim = np.triu(sim, 1) - np.tril(np.ones_like(sim))
+    flat = np.argsort(-sim, axis=None, kind="stable")[:top]
+    out = []
+    for f in flat:
+        a, b = divmod(int(f), len(items))
+        if sim[a, b] < 0:
+            break
+        out.append({"a": items[a][0], "b": items[b][0], "jaccard": round(float(sim[a, b]), 4)})
+    return out
 
 
 def summarise_report(report: dict) -> str:
@@ -211,4 +237,8 @@ def summarise_report(report: dict) -> str:
         lines.append(f"- question {r['question_index']} of {r['id']} filtered: {r['reason']}")
     for r in report["too_few_questions"]:
         lines.append(f"- record {r['id']} dropped: {r['questions_left']} question(s) left")
+    for key, what in (("closest_kept_records", "symptom + steps"), ("closest_kept_questions", "questions")):
+        if report.get(key):
+            lines += ["", f"Closest kept pairs of different records ({what}):"]
+            lines += [f"- {p['a']} ~ {p['b']}: J={p['jaccard']}" for p in report[key]]
     return "\n".join(lines) + "\n"
