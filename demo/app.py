@@ -1,5 +1,11 @@
 """The FastAPI app: /health, /api/transcribe, /api/ask (SSE), /api/speak, /ws, and the Gradio UI.
 
+Websocket ``/ws[?device=earbuds&client_id=...]``, one request at a time per socket:
+  client -> ``{"question": "...", "device": "earbuds"}``, a bare text frame (a question),
+            ``{"audio_b64": "...", "device": ...}`` or a binary frame (any audio file's bytes)
+  server -> ``transcript`` (``final`` false while segments arrive, then true; audio only),
+            ``queued``, ``start``, ``token`` x N, then exactly one ``done`` (answer, markdown,
+            steps, seconds) or ``error``.
 Every refusal is a JSON ``{"type": "error", "code", "message"[, "retry_after"]}`` (over HTTP with
 the matching status and a Retry-After header; over the websocket as a message, after which the
 socket stays open for the next question).
