@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxkd.config import load
+from jaxkd.config import ConfigError, load
 from jaxkd.data.build import BuildConfig, build, summary_lines
 from jaxkd.data.schema import CORPUS_DIR, CorpusError
 from jaxkd.data.stats import RESULTS_DIR, compute_stats, plot, print_tables, to_markdown
@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        cfg = load(BuildConfig, args.config, args.overrides)
+        try:
+            cfg = load(BuildConfig, args.config, args.overrides)
+        except ConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
         out = args.out
         if args.check:
             import tempfile
