@@ -75,15 +75,20 @@ def test_mask_covers_exactly_answer_and_end_of_turn(tok, examples):
 
 @pytest.mark.parametrize("pack", [False, True])
 def test_batch_contract_and_mask_in_batches(tok, examples, pack):
-    cfg = LoaderConfig(seq_len=384, batch_size=4, seed=3, pack=pack)
+    seq_len = 768 if pack else 384
+    cfg = LoaderConfig(seq_len=seq_len, batch_size=4, seed=3, pack=pack)
     loader = ChatLoader(examples, tok, cfg)
     answers = {ex["messages"][-1]["content"] for ex in examples}
     seen = 0
+    max_docs = 0
     for b in batches(loader, 6):
         assert KEYS <= set(b) and (("example_index" in b) == (not pack))
+        max_docs = max(max_docs, int(b["segment_ids"].max()))
         for k in KEYS:
-            assert b[k].shape == (4, 384) and b[k].dtype == np.int32, k
+            assert b[k].shape == (4, seq_len) and b[k].dtype == np.int32, k
         assert not (b["loss_mask"] * (b["segment_ids"] == 0)).any()
+        pad = b["segment_ids"] == 0
+        assert (b["positions"][pad] == 0).all() and (b["input_ids"][pad] == loader.pad_id).all()
         for row in range(4):
             seg, pos, ids, mask = (b[k][row] for k in ("segment_ids", "positions", "input_ids", "loss_mask"))
             n_docs = seg.max()
@@ -98,6 +103,7 @@ def test_batch_contract_and_mask_in_batches(tok, examples, pack):
                     assert text[: -len("<|im_end|>")] in answers
                     seen += 1
     assert seen >= 6
+    assert max_docs == 1 if not pack else max_docs >= 2  # packing really packs
     if not pack:
         b = batches(loader, 1)[0]
         metas = loader.meta(b)
