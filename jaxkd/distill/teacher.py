@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import functools
 import platform
+import re
 import shlex
 import sys
 import time
@@ -274,9 +275,10 @@ def teacher_prompts(cfg: RunConfig, split: str, *, limit: int | None = None,
     return out
 
 
-def provenance(cfg: RunConfig, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def provenance(cfg: RunConfig, extra: Mapping[str, Any] | None = None,
+               command: str | None = None) -> dict[str, Any]:
     return {"model": cfg.teacher.preset, "teacher": to_dict(cfg.teacher),
-            "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
+            "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
             "jax": jax.__version__, "devices": str(jax.devices()), **(extra or {})}
@@ -340,7 +342,8 @@ def run_teacher(cfg: RunConfig, model: Any, tokenizer: Any, *, items: Sequence[P
 
 def answers_export_path(cfg: RunConfig) -> Path:
     tc = cfg.teacher
-    return Path(tc.answers_dir) / f"{tc.preset}__{tc.grounding}.jsonl"
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tc.preset).name.removesuffix(".yaml"))
+    return Path(tc.answers_dir) / f"{name}__{tc.grounding}.jsonl"
 
 
 def export_stage_answers(cfg: RunConfig, items: Sequence[PromptItem], prov: Mapping[str, Any]) -> Path:

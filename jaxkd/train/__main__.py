@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     if cfg.stage == Stage.TEACHER:
-        return _teacher_stage(cfg)
+        argv = sys.argv[1:] if argv is None else argv
+        return _teacher_stage(cfg, "python -m jaxkd.train " + " ".join(shlex.quote(a) for a in argv))
     from jaxkd.train import loop
 
     t0 = time.perf_counter()
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _teacher_stage(cfg) -> int:
+def _teacher_stage(cfg, command: str) -> int:
     from jaxkd.distill import teacher as T
     from jaxkd.distill.cache import TeacherCache
     from jaxkd.models import load_pretrained
@@ -75,7 +77,7 @@ def _teacher_stage(cfg) -> int:
         summary = T.run_teacher(cfg, pt.model, pt.tokenizer, items=items,
                                 log=lambda s: print(s, flush=True))
     prov = T.provenance(cfg, {"splits": {s: sum(it.split == s for it in items) for s in cfg.teacher.splits},
-                              "last_run": summary})
+                              "last_run": summary}, command=command)
     cache.write_provenance(prov)
     path = T.export_stage_answers(cfg, items, prov)
     print(f"teacher answers: {len(items)} prompts -> {path} (top-k store in {cfg.teacher.cache_dir})")

@@ -1,0 +1,63 @@
+"""`python -m jaxkd.train` end to end on tiny HF-directory presets: teacher stage, KD, --resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jaxkd.config import CONFIG_DIR
+from jaxkd.models.params import write_hf_dir
+from jaxkd.train.__main__ import main
+from test_train_fixtures import byte_tokenizer, tiny_config, tiny_decoder
+
+
+@pytest.fixture(scope="module")
+def presets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tok = byte_tokenizer()
+    out = {}
+    for name, seed in (("teacher", 11), ("student", 5)):
+        d = write_hf_dir(tiny_config(), tiny_decoder(seed=seed).hf_tensors(), root / name, tokenizer=tok)
+        (root / f"{name}.yaml").write_text(f"name: tiny-{name}\nsource: hf\nlocation: {d}\n")
+        out[name] = root / f"{name}.yaml"
+    return root, out
+
+
+def _args(root, presets, *extra):
+    return ["--config", str(CONFIG_DIR / "cpu_default.yaml"), f"student={presets['student']}",
+            f"teacher.preset={presets['teacher']}", f"teacher.cache_dir={root / 'cache'}",
+            f"teacher.answers_dir={root / 'answers'}", f"runs_dir={root / 'runs'}", "name=cli",
+            "teacher.limit_per_split={train: 4, val: 2}", "teacher.sampling.max_new_tokens=6",
+            "teacher.batch_size=4", "train.max_len=512", "train.ckpt_every=0", "train.final_generate=2",
+            "domain_sampling.every_steps=1", "train.warmup_steps=0", *extra]
+
+
+def test_teacher_then_kd_then_resume(presets, capsys):
+    root, p = presets
+    assert main(_args(root, p, "stage=teacher")) == 0
+    files = list((root / "answers").rglob("*.jsonl"))
+    assert [f.name for f in files] == ["teacher__none.jsonl"]
+    lines = files[0].read_text().splitlines()
+    header = json.loads(lines[0])["provenance"]
+    assert header["splits"] == {"train": 4, "val": 2} and "stage=teacher" in header["command"]
+    assert len(lines) == 1 + 6
+    # second call: everything cached, nothing regenerated
+    assert main(_args(root, p, "stage=teacher")) == 0
+    assert "generated" not in capsys.readouterr().out.split("teacher answers:")[-1]
+
+    assert main(_args(root, p, "stage=kd", "train.steps=2")) == 0
+    summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())
+    assert len(summary["losses"]) == 2 and summary["val_generation"]["n"] == 2
+    assert (root / "runs" / "cli" / "tb").is_dir()
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(_args(root, p, "stage=kd", "train.steps=2"))
+    assert main(["--resume", *_args(root, p, "stage=kd", "train.steps=3")]) == 0
+    summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and len(summary["losses"]) == 1
+
+
+def test_config_error_exits_2(presets, capsys):
+    root, p = presets
+    assert main(_args(root, p, "distill.loss=kl")) == 2
+    assert "allowed values" in capsys.readouterr().err
