@@ -163,7 +163,16 @@ class Projection(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x: jax.Array, spec: str) -> jax.Array:
-        y = jnp.einsum(spec, x.astype(self.compute_dtype), self.weight[...].astype(self.compute_dtype))
+        """``spec`` documents the contraction (e.g. ``"btnh,nhd->btd"``); it is computed as one
+        2-D matmul ``[..., in] @ [in, out]`` so XLA never relayouts (copies) the weight to match
+        an activation's physical layout: reshaping the small activation is what gets copied."""
+        n_in = len(self.in_shape)
+        lead = x.shape[: x.ndim - n_in]
+        if tuple(x.shape[x.ndim - n_in:]) != self.in_shape or spec.count(",") != 1:
+            raise ValueError(f"Projection {spec}: input {x.shape} does not end in {self.in_shape}")
+        w_io = self.weight[...].astype(self.compute_dtype).reshape(math.prod(self.in_shape), -1)
+        x_mi = x.astype(self.compute_dtype).reshape(*lead, math.prod(self.in_shape))
+        y = jnp.einsum("...i,io->...o", x_mi, w_io).reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
