@@ -174,11 +174,16 @@ def create_app(svc: Services, *, with_ui: bool = True) -> FastAPI:
         return error_response(err)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "engine": svc.engine.name, "queue": svc.queue.snapshot(),
+    async def health() -> JSONResponse:
+        queue = svc.queue.snapshot()
+        ok = queue["worker_alive"]
+        body = {"status": "ok" if ok else "error", "engine": svc.engine.name, "queue": queue,
                 "rate_limited": dict(svc.limiter.rejected), "stt_model": svc.stt.model_dir,
                 "tts": svc.tts is not None, "uptime_s": round(time.time() - svc.started, 1),
                 "warmup_s": round(svc.warmup_seconds, 2)}
+        if not ok:
+            body["message"] = "the generation worker stopped; restart the demo (python -m demo)"
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.post("/api/transcribe")
     async def transcribe(request: Request) -> dict[str, Any]:

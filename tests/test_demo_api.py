@@ -191,3 +191,13 @@ def test_client_leaving_mid_answer_stops_its_generation():
         assert snap["cancelled"] == 1 and snap["completed"] == 0 and not snap["running"]
         assert c.get("/health").json()["status"] == "ok"
     svc.queue.close()
+
+
+def test_health_reports_a_dead_worker():
+    cfg = load_demo_config()
+    svc = Services.build(cfg, engine=ScriptedEngine(0.0), warmup=False)
+    with TestClient(create_app(svc, with_ui=False)) as c:
+        assert c.get("/health").status_code == 200
+        svc.queue.close()  # the worker thread exits
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "error" and "restart" in r.json()["message"]
