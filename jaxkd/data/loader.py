@@ -20,6 +20,7 @@ the same next batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, Sequence
 
 import grain
@@ -121,6 +122,10 @@ class _PadBatch:
         return out
 
 
+def _packing_fields(ex: dict) -> dict[str, np.ndarray]:
+    return {"input_ids": ex["input_ids"], "loss_mask": ex["loss_mask"]}
+
+
 def _from_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"input_ids": ex["input_ids"].astype(np.int32),
             "loss_mask": ex["loss_mask"].astype(np.int32),
@@ -131,7 +136,8 @@ def _from_packed(ex: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 class ChatLoader:
     """Tokenizes ``examples`` once, then serves batches through a grain pipeline.
 
-    ``iter(loader)`` gives a grain ``DatasetIterator`` (``get_state``/``set_state``).
+    ``iter(loader)`` gives a grain ``DatasetIterator`` (``get_state``/``set_state``). The pipeline
+    holds only module-level callables, so it pickles (grain worker processes can run it).
     """
 
     def __init__(self, examples: Sequence[dict], tokenizer, cfg: LoaderConfig = LoaderConfig()):
@@ -165,7 +171,7 @@ class ChatLoader:
             ds = ds.shuffle(seed=cfg.seed)
         ds = ds.repeat(cfg.num_epochs)
         if cfg.pack:
-            ds = ds.map(lambda ex: {"input_ids": ex["input_ids"], "loss_mask": ex["loss_mask"]})
+            ds = ds.map(_packing_fields)
             it = grain.experimental.FirstFitPackIterDataset(
                 ds.to_iter_dataset(),
                 length_struct={"input_ids": cfg.seq_len, "loss_mask": cfg.seq_len},
@@ -173,7 +179,8 @@ class ChatLoader:
                 shuffle_bins=cfg.shuffle, padding_struct={"input_ids": self.pad_id, "loss_mask": 0})
             it = it.map(_from_packed)
         else:
-            it = ds.map(lambda ex: _pad_row(ex, cfg.seq_len, self.pad_id)).to_iter_dataset()
+            it = ds.map(functools.partial(_pad_row, seq_len=cfg.seq_len, pad_id=self.pad_id))
+            it = it.to_iter_dataset()
         it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder)
         if not cfg.drop_remainder:
             it = it.map(_PadBatch(cfg.batch_size, self.pad_id))
