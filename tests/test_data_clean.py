@@ -139,3 +139,35 @@ def test_tags(corpus):
     assert all(f"device:{r['device']}" in r["tags"] and f"issue:{r['issue']}" in r["tags"] for r in out)
     share = {c: sum(c in r["connections"] for r in out) / len(out) for c in ("bluetooth", "wifi")}
     assert share["bluetooth"] > 0.2 and share["wifi"] > 0.2, share
+
+
+def test_build_end_to_end_removes_planted_yaml_duplicate(tmp_path, corpus):
+    """A lightly re-phrased record planted in a corpus YAML file is removed by the build and the
+    dedup report names the record it duplicated."""
+    import json
+    import shutil
+
+    import yaml
+
+    from jaxkd.data.build import BuildConfig, build
+    from jaxkd.data.schema import CORPUS_DIR
+    from jaxkd.data.splits import SplitConfig
+
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for name in ("smart_plug.yaml", "wifi_router.yaml", "anc_headphones.yaml"):
+        shutil.copy(CORPUS_DIR / name, src / name)
+    original = device_records(corpus, "smart_plug")[2]
+    dup = planted_copy(original, "smart_plug-950")
+    fields = ("id", "device", "category", "issue", "symptom", "source", "questions", "steps",
+              "required", "safety")
+    with (src / "smart_plug.yaml").open("a") as f:
+        f.write(yaml.safe_dump([{k: dup[k] for k in fields}], sort_keys=False, width=1000))
+    cfg = BuildConfig(split=SplitConfig(min_heldout_questions=10))
+    manifest = build(src, tmp_path / "out", cfg)
+    report = json.loads((tmp_path / "out" / "dedup_report.json").read_text())
+    assert [(r["id"], r["duplicate_of"]) for r in report["removed_records"]] == [
+        ("smart_plug-950", original["id"])]
+    assert manifest["counts"]["raw_records"] == manifest["counts"]["records"] + 1
+    kept = (tmp_path / "out" / "train.jsonl").read_text() + (tmp_path / "out" / "test.jsonl").read_text()
+    assert "smart_plug-950" not in kept + (tmp_path / "out" / "val.jsonl").read_text()
