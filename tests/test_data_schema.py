@@ -138,3 +138,18 @@ def test_cli_build_fails_with_file_and_line(tmp_path):
     assert proc.returncode == 2
     assert f"{corpus / 'smart_plug.yaml'}:4: " in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lint_warnings_name_file_and_line(tmp_path):
+    from jaxkd.data.schema import lint_records
+
+    second = (GOOD.replace("-001", "-002").replace("[2.4 ghz, 2.4ghz]", "[qr code, qr]")
+              .replace("[reset, hold the button]", "[reset]"))
+    path = write(tmp_path, "smart_plug.yaml", GOOD + second)
+    records = load_corpus(tmp_path)  # soft rules do not fail validation
+    problems = lint_records(records)
+    line = GOOD.count("\n") + 1
+    assert [(p.file, p.line) for p in problems] == [(str(path), line)] * 2
+    assert "['qr code', 'qr'] is not mentioned by the record's own steps" in problems[0].message
+    assert "has 1 synonym(s)" in problems[1].message
+    assert lint_records(records[:1]) == []

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--config", type=Path, default=None, help="YAML with clean: / split: sections")
     b.add_argument("--set", dest="overrides", action="append", default=[],
                    help="override, e.g. --set clean.content_threshold=0.6 --set split.seed=3")
+    b.add_argument("--strict", action="store_true",
+                   help="exit 1 when there are lint warnings (soft schema rules)")
     b.add_argument("--check", action="store_true",
                    help="exit 1 if the build would change any file (use in CI)")
     s = sub.add_parser("stats", help="counts per device/category/issue/source/split, table + PNG")
@@ -51,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(manifest["summary_text"])
         print("\n".join(summary_lines(manifest)))
+        if args.strict and manifest["checks"]["lint_warnings"]:
+            print(f"{len(manifest['checks']['lint_warnings'])} lint warning(s), see above",
+                  file=sys.stderr)
+            return 1
         if args.check and manifest["changed_files"]:
             print(f"built data is out of date: {manifest['changed_files']}; run "
                   "`python -m jaxkd.data build` and commit jaxkd/data/built/", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from jaxkd.config import to_dict
 from jaxkd.data.clean import CleanConfig, clean_records, summarise_report
-from jaxkd.data.schema import CORPUS_DIR, display_path, load_corpus
+from jaxkd.data.schema import CORPUS_DIR, display_path, lint_records, load_corpus
 from jaxkd.data.splits import (SPLITS, SplitConfig, assign_splits, cluster_records,
                                cross_split_pairs, heldout_questions)
 from jaxkd.data.store import BUILT_DIR, dumps_jsonl, write_text_if_changed
@@ -49,6 +49,7 @@ def build(corpus_dir: str | Path = CORPUS_DIR, out_dir: str | Path = BUILT_DIR,
     """Run the pipeline and write the outputs; returns the manifest (with ``changed_files``)."""
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     raw = load_corpus(corpus_dir)  # raises CorpusError with file:line problems
+    lint = [str(p) for p in lint_records(raw)]
     cleaned, report = clean_records(raw, cfg.clean)
     clusters = cluster_records(cleaned, cfg.split)
     splits = assign_splits(cleaned, clusters, cfg.split)
@@ -85,6 +86,7 @@ def build(corpus_dir: str | Path = CORPUS_DIR, out_dir: str | Path = BUILT_DIR,
             str(c): [r["id"] for r in records if r["cluster"] == c]
             for c, n in sorted(Counter(clusters).items()) if n > 1},
         "checks": {
+            "lint_warnings": lint,
             "cross_split_near_duplicates": len(leaks),
             "heldout_max_jaccard_to_train_question": round(_max_similarity_to(
                 [h["question"] for h in heldout], train_questions, cfg.split.shingle_chars), 4),
@@ -107,5 +109,7 @@ def summary_lines(manifest: dict) -> list[str]:
         f"held-out QA: {c['heldout_questions']} questions, styles {c['heldout_by_style']}",
         f"cross-split near-duplicate pairs: {k['cross_split_near_duplicates']}; held-out max "
         f"Jaccard to a train question: {k['heldout_max_jaccard_to_train_question']}",
+        f"lint warnings (soft schema rules): {len(k['lint_warnings'])}",
+        *(f"  {w}" for w in k["lint_warnings"]),
         "changed files: " + (", ".join(manifest["changed_files"]) or "none (already up to date)"),
     ]

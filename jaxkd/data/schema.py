@@ -281,3 +281,28 @@ def load_corpus(corpus_dir: str | Path = CORPUS_DIR) -> list[dict]:
     if problems:
         raise CorpusError(problems)
     return records
+
+
+def lint_records(records: list[dict]) -> list[Problem]:
+    """Soft checks (warnings, not build failures unless ``build --strict``), each at the record's
+    line: a required group that the record's own reference steps never mention (the reference
+    answer would fail its scoring key), a group with fewer than 2 or more than 4 synonyms, a
+    required phrase longer than 4 words."""
+    from jaxkd.data.textnorm import normalise
+
+    out = []
+    for rec in records:
+        file, line = rec["provenance"]["file"], rec["provenance"]["line"]
+        steps = normalise(" ".join(rec["steps"])).lower()
+        for g, group in enumerate(rec["required"]):
+            if not any(normalise(p).lower() in steps for p in group):
+                out.append(Problem(file, line, f"{rec['id']}: required[{g}] {group} is not mentioned "
+                                               "by the record's own steps"))
+            if not 2 <= len(group) <= 4:
+                out.append(Problem(file, line, f"{rec['id']}: required[{g}] {group} has "
+                                               f"{len(group)} synonym(s); SCHEMA.md asks for 2-4"))
+            for p in group:
+                if len(p.split()) > 4:
+                    out.append(Problem(file, line, f"{rec['id']}: required phrase {p!r} is longer "
+                                                   "than 4 words"))
+    return out
