@@ -50,7 +50,10 @@ def to_markdown(stats: dict, manifest: dict | None = None) -> str:
         lines += [f"- raw records {c['raw_records']}; symptom clusters {c['clusters']} (largest "
                   f"{c['largest_cluster']})",
                   f"- cross-split near-duplicate pairs: {k['cross_split_near_duplicates']}; held-out "
-                  f"max Jaccard to a train question: {k['heldout_max_jaccard_to_train_question']}"]
+                  f"max Jaccard to a train question: {k['heldout_max_jaccard_to_train_question']}",
+                  f"- lint warnings (soft schema rules, listed in `jaxkd/data/built/manifest.json`): "
+                  f"{len(k.get('lint_warnings', []))}",
+                  f"- dedup removals: see `jaxkd/data/built/dedup_report.md`"]
     if stats["devices_missing"]:
         lines.append(f"- devices without records: {', '.join(stats['devices_missing'])}")
     for facet in FACETS:
