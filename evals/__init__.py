@@ -1,0 +1,1 @@
+"""Evaluations and benchmarks (run as python -m evals.<name>)."""
