@@ -205,3 +205,24 @@ def test_iterator_state_is_plain_data(tok, examples):
     again.set_state(state)
     got = next(again)
     assert all((expected[k] == got[k]).all() for k in expected)
+
+
+def test_iterator_state_saved_and_restored_with_orbax(tok, examples, tmp_path):
+    """The way the trainer checkpoints it: grain's CheckpointSave/Restore in an orbax Composite."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    cfg = LoaderConfig(seq_len=256, batch_size=2, seed=4, num_epochs=None)
+    it = iter(ChatLoader(examples, tok, cfg))
+    for _ in range(5):
+        next(it)
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = next(it)
+    fresh = iter(ChatLoader(examples, tok, cfg))
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as mngr:
+        mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    got = next(fresh)
+    assert all((expected[k] == got[k]).all() for k in expected)
+    assert any((expected[k] != next(iter(ChatLoader(examples, tok, cfg)))[k]).any() for k in expected)
