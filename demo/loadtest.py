@@ -182,6 +182,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
         "limits": {"ask_rate": cfg.limits.ask_rate, "queue_size": cfg.limits.queue_size,
                    "client_key": cfg.limits.client_key, "stt_max_waiting": cfg.stt.max_waiting},
         "sampling_max_new_tokens": cfg.engine.sampling.max_new_tokens,
+        "engine_kind": cfg.engine.kind, "scripted_token_delay_s": cfg.engine.scripted_token_delay_s,
         "outcomes": outcomes, "answered": len(done), "lost": len(lost),
         "attempts": len(every), "busy_all_attempts": every.count("busy"),
         "rate_limited_all_attempts": every.count("rate_limited"),
@@ -228,8 +229,11 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
             f"{r['health']['polls']} ({r['health']['failures']}, {r['health']['max_s']}) |")
     lines += ["", "Settings per run: " + "; ".join(
         f"{r['engine']}: ask_rate {r['limits']['ask_rate']} per client id ({r['client_ids']} ids), "
-        f"queue {r['limits']['queue_size']} waiting + 1 running, max_new_tokens "
-        f"{r['sampling_max_new_tokens']}, busy clients retry {r['retries_allowed']}x after Retry-After"
+        f"queue {r['limits']['queue_size']} waiting + 1 running, "
+        + (f"canned 4-step answer at {r['scripted_token_delay_s']} s per word (web layer only)"
+           if r.get("engine_kind") == "scripted" else
+           f"greedy, max_new_tokens {r['sampling_max_new_tokens']}")
+        + f", busy clients retry {r['retries_allowed']}x after Retry-After"
         for r in runs), "",
         "Final outcome per client: " + "; ".join(f"{r['engine']}: {r['outcomes']}" for r in runs),
         "", "All attempts (retries included): " + "; ".join(
