@@ -157,6 +157,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
 
     cfg = load_demo_config(overrides=[f"engine.kind={engine}", "limits.client_key=ip+client_id",
                                       *overrides])
+    load_before = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     svc = Services.build(cfg)
     start_s = time.perf_counter() - t0
@@ -194,6 +195,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
         "retry_after_s": sorted({r.retry_after for r in results if r.retry_after}),
         "health": {**health, "max_s": round(health["max_s"], 3), **final_health},
         "queue_after": snapshot, "wall_s": round(wall, 2), "startup_s": round(start_s, 1),
+        "loadavg_1m_before": load_before,
         "per_client": [asdict(r) for r in results],
     }
 
@@ -239,6 +241,8 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
         "", "All attempts (retries included): " + "; ".join(
             f"{r['engine']}: {r['attempts']} attempts, {r['busy_all_attempts']} busy, "
             f"{r['rate_limited_all_attempts']} rate-limited" for r in runs),
+        "", "1-minute load average before each run (the machine is shared; other jobs were "
+        "running): " + "; ".join(f"{r['engine']}: {r['loadavg_1m_before']}" for r in runs),
         "", "p50/p95: seconds from sending the question to the final `done` (answered requests, "
         "queue wait and STT included); first token: to the first streamed token.", ""]
     return "\n".join(lines)
