@@ -33,8 +33,9 @@ def _args(root, presets, *extra):
             "domain_sampling.every_steps=1", "train.warmup_steps=0", *extra]
 
 
-def test_teacher_then_kd_then_resume(presets, capsys):
+def test_teacher_then_kd_then_resume(presets, capsys, monkeypatch):
     root, p = presets
+    monkeypatch.setenv("JAXKD_RESULTS_DIR", str(root / "results"))
     assert main(_args(root, p, "stage=teacher")) == 0
     files = list((root / "answers").rglob("*.jsonl"))
     assert [f.name for f in files] == ["teacher__none.jsonl"]
@@ -50,6 +51,8 @@ def test_teacher_then_kd_then_resume(presets, capsys):
     summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())
     assert len(summary["losses"]) == 2 and summary["val_generation"]["n"] == 2
     assert (root / "runs" / "cli" / "tb").is_dir()
+    assert (root / "results" / "kd_cli.png").stat().st_size > 1000
+    assert json.loads((root / "results" / "kd_cli.json").read_text())["losses"] == summary["losses"]
     with pytest.raises(FileExistsError, match="--resume"):
         main(_args(root, p, "stage=kd", "train.steps=2"))
     assert main(["--resume", *_args(root, p, "stage=kd", "train.steps=3")]) == 0

@@ -57,8 +57,28 @@ def main(argv: list[str] | None = None) -> int:
             cfg.teacher.sampling.max_new_tokens)
     summary["total_s"] = round(time.perf_counter() - t0, 1)
     loop.write_summary(cfg.run_dir, summary)
+    _publish(cfg, summary)
     print(json.dumps(loop.plain_summary(summary), indent=1, default=str))
     return 0
+
+
+def _publish(cfg, summary) -> None:
+    """Copy the run's summary and a loss / domain-weight plot to evals/results/kd_<name>.*"""
+    import shutil
+
+    from jaxkd.train.metrics import plot_training
+
+    results = Path(os.environ.get("JAXKD_RESULTS_DIR")
+                   or Path(__file__).resolve().parents[2] / "evals" / "results")
+    if not results.parent.is_dir():
+        return
+    results.mkdir(exist_ok=True)
+    stem = results / f"kd_{cfg.name}"
+    for ext in ("json", "md"):
+        src = cfg.run_dir / f"summary.{ext}"
+        if src.exists():
+            shutil.copy(src, stem.with_suffix(f".{ext}"))
+    plot_training(cfg.run_dir / "metrics.jsonl", stem.with_suffix(".png"))
 
 
 def _teacher_stage(cfg, command: str) -> int:

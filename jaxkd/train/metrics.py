@@ -112,3 +112,35 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str = "domain",
         cells = [f"{r[c]:.{digits}f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
         lines.append("| " + " | ".join([name, *cells]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plot_training(metrics_jsonl: str | Path, png: str | Path) -> None:
+    """Train loss / KD / CE curves and the domain weights at each re-weighting, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_jsonl)
+    train = [r for r in rows if "train/loss" in r]
+    rw = [r for r in rows if "reweight/weights" in r]
+    fig, axes = plt.subplots(1, 2 if rw else 1, figsize=(10 if rw else 5, 3.5), squeeze=False)
+    ax = axes[0, 0]
+    for key in ("train/loss", "train/kd", "train/ce"):
+        pts = [(r["step"], r[key]) for r in train if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key.split("/")[1])
+    ax.set_xlabel("step")
+    ax.set_title("KD training loss")
+    ax.legend(fontsize=8)
+    if rw:
+        ax = axes[0, 1]
+        names = sorted(rw[0]["reweight/weights"])
+        for d in names:
+            ax.plot([r["step"] for r in rw], [r["reweight/weights"][d] for r in rw], marker="o", label=d)
+        ax.set_xlabel("step")
+        ax.set_title("domain sampling weights")
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
