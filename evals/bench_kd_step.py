@@ -30,7 +30,7 @@ ALPHA, TOPK, LR = 0.5, 16, 1e-5
 
 def make_batch(vocab: int, b: int, t: int, answer: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(100, 20000, (b, t)).astype(np.int32)
+    ids = rng.integers(0, min(vocab, 20000), (b, t)).astype(np.int32)
     targets = np.concatenate([ids[:, 1:], ids[:, :1]], axis=1)
     mask = np.zeros((b, t), np.float32)
     mask[:, t - 1 - answer:t - 1] = 1.0
