@@ -46,10 +46,18 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> nnx
     ids = jnp.zeros((1, 4), jnp.int32)
     pos = jnp.arange(4, dtype=jnp.int32)[None]
     try:
-        return qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), ids, pos, rngs=nnx.Rngs(seed))
+        lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), ids, pos,
+                                              rngs=nnx.Rngs(seed))
+        # The train step runs the model split/merged under jit: check that path finds the adapters.
+        graphdef, lora, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
+        jax.jit(lambda a, b: nnx.merge(graphdef, a, b)(ids, pos)[0])(lora, rest)
+        return lora_model
     except Exception as e:
-        raise RuntimeError(f"qwix could not add LoRA adapters to this Decoder ({type(e).__name__}: "
-                           f"{e}); use train.trainable=no_embed or all") from e
+        raise RuntimeError(
+            f"qwix could not attach LoRA adapters that work under jit to this Decoder "
+            f"({type(e).__name__}: {str(e)[:200]}). qwix finds a projection's weight by the einsum "
+            f"operand, and jaxkd.models.layers.Projection reshapes the weight before its einsum; use "
+            f"train.trainable=no_embed or all") from e
 
 
 def split_model(model: nnx.Module, trainable: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
