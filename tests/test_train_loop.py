@@ -255,3 +255,21 @@ def test_summary_and_final_generation_against_teacher_answers(cache_dir, tok, re
     saved = json.loads((cache_dir / "runs" / "summ" / "summary.json").read_text())
     assert set(saved["val_per_domain"]) == {"audio", "network", "wearable"}
     assert saved["val"]["kl"] > 0 and "final_params" not in saved
+
+
+def test_committed_text_answers_allow_response_kd_only(cache_dir, tok, records):
+    from jaxkd.config import DistillConfig
+
+    cfg = _cfg(cache_dir, "fill")
+    items = [it for s in ("train", "val") for it in T.teacher_prompts(cfg, s, records=records[s])]
+    path = T.export_stage_answers(cfg, items, T.provenance(cfg))
+    empty = cache_dir / "no-cache"
+    text_only = RunConfig(**{**_cfg(cache_dir, "text", steps=2, ckpt_every=0).__dict__,
+                             "teacher": TeacherConfig(**{**cfg.teacher.__dict__, "cache_dir": str(empty),
+                                                         "answers_dir": str(path.parent)}),
+                             "distill": DistillConfig(alpha=1.0, use_cache=False)})
+    out = L.run_kd(text_only, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
+    assert len(out["losses"]) == 2 and out["train_examples"] == len(records["train"])
+    soft = RunConfig(**{**text_only.__dict__, "distill": DistillConfig(alpha=0.5)})
+    with pytest.raises(FileNotFoundError, match="stage=teacher"):
+        L.run_kd(soft, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
