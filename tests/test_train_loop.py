@@ -176,8 +176,26 @@ def test_batch_alignment_puts_entry_j_on_the_position_predicting_answer_token_j(
 def test_grounded_teacher_student_inputs_hold_no_grounding(tmp_path, tok, records):
     cfg = _cfg(tmp_path, "g")
     cfg = RunConfig(**{**cfg.__dict__, "teacher": TeacherConfig(**{**cfg.teacher.__dict__, "grounding": "reference"})})
-    T.run_teacher(cfg, tiny_decoder(seed=11), tok,
+    teacher = tiny_decoder(seed=11)
+    T.run_teacher(cfg, teacher, tok,
                   items=T.teacher_prompts(cfg, "train", records=records["train"][:3]), log=lambda s: None)
+    # Cross-context alignment, by hand: the teacher's logits on (grounding + question + answer) at
+    # its position for answer token j land on the student's (question + answer) position for j.
+    entry = next(iter(TeacherCache(cfg.teacher.cache_dir).entries().values()))
+    t_prompt = T.chat_ids(tok, entry.teacher_messages)
+    s_prompt = T.chat_ids(tok, entry.student_messages)
+    assert len(t_prompt) > len(s_prompt) + 50  # the grounding block really is in the teacher context
+    seq = jnp.asarray([t_prompt + entry.target_ids])
+    t_logits, _ = teacher(seq, jnp.arange(seq.shape[1])[None])
+    t_logp = jax.nn.log_softmax(t_logits[0, :, :TOKENIZER_VOCAB], axis=-1)
+    ex = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:1])[0][0]
+    b = make_batch([ex], MAX_LEN, 4)
+    for j in range(len(entry.target_ids)):
+        s_pos, t_pos = len(s_prompt) - 1 + j, len(t_prompt) - 1 + j
+        ids = b["topk_ids"][0, s_pos]
+        assert b["targets"][0, s_pos] == entry.target_ids[j] and b["loss_mask"][0, s_pos] == 1
+        np.testing.assert_array_equal(ids, np.asarray(jax.lax.top_k(t_logp[t_pos], 4)[1]))
+        np.testing.assert_allclose(b["topk_logprobs"][0, s_pos], np.asarray(t_logp[t_pos])[ids], atol=1e-2)
     exs, missing = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
     assert len(exs) == 3 and missing == 0
     for ex, rec in zip(exs, records["train"][:3]):
