@@ -68,7 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.question})
     t1 = time.perf_counter()
-    gen.warmup(sampling)
+    # compile for exactly this prompt's bucket and cache length: run two steps and stop
+    warm = gen.stream_chat(messages, sampling)
+    for i, _ in enumerate(warm):
+        if i >= 1:
+            break
+    warm.close()
     log(f"compiled prefill + decode in {time.perf_counter() - t1:.1f} s")
 
     t2 = time.perf_counter()
