@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --constraint requirements/constraints.txt
-EXTRAS ?= cpu,weights,teacher-weights,dev,demo
+EXTRAS ?= cpu,weights,dev,demo,stt-base
 
 # Compiles dominate small CPU runs; keep them across invocations.
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
