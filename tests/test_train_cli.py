@@ -46,6 +46,13 @@ def test_teacher_then_kd_then_resume(presets, capsys, monkeypatch):
     # second call: everything cached, nothing regenerated
     assert main(_args(root, p, "stage=teacher")) == 0
     assert "generated" not in capsys.readouterr().out.split("teacher answers:")[-1]
+    # a fresh clone has the committed text answers but no top-k store: rescored, not regenerated
+    import shutil
+
+    shutil.rmtree(root / "cache")
+    assert main(_args(root, p, "stage=teacher")) == 0
+    out = capsys.readouterr().out
+    assert "rescoring 6 committed teacher answers" in out and '"generated": 0' in out
 
     assert main(_args(root, p, "stage=kd", "train.steps=2")) == 0
     summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. stage=kd train.steps=10")
     args = parser.parse_args(argv)
     _setup_jax_cache()
+    from jaxkd.distributed import maybe_initialize
+
+    maybe_initialize()  # joins a multi-process group when launch/ set one up; before any JAX work
 
     from jaxkd.config import ConfigError, RunConfig, Stage, load
 
@@ -94,8 +97,22 @@ def _teacher_stage(cfg, command: str) -> int:
         t0 = time.perf_counter()
         pt = load_pretrained(cfg.teacher.preset)
         print(f"loaded teacher {cfg.teacher.preset} in {time.perf_counter() - t0:.0f}s", flush=True)
-        summary = T.run_teacher(cfg, pt.model, pt.tokenizer, items=items,
-                                log=lambda s: print(s, flush=True))
+        committed = T.answers_export_path(cfg)
+        if committed.exists() and cfg.teacher.top_k > 0:
+            # A fresh clone has the committed text answers but not the top-k store: one forward
+            # pass over each answer rebuilds it, far cheaper than decoding the answers again.
+            from jaxkd.distill.rescore import rescore_exported
+
+            summary["rescored"] = rescore_exported(
+                pt.model, pt.tokenizer, committed, cfg.teacher.cache_dir,
+                keys=[it.key for it in items], top_k=cfg.teacher.top_k,
+                logit_temperature=cfg.teacher.logit_temperature,
+                vocab=T.real_vocab_size(pt.tokenizer, pt.model.cfg.vocab_size),
+                preset=cfg.teacher.preset, grounding=cfg.teacher.grounding,
+                log=lambda s: print(s, flush=True))
+            cache = TeacherCache(cfg.teacher.cache_dir)
+        summary.update(T.run_teacher(cfg, pt.model, pt.tokenizer, items=items,
+                                    log=lambda s: print(s, flush=True)))
     prov = T.provenance(cfg, {"splits": {s: sum(it.split == s for it in items) for s in cfg.teacher.splits},
                               "last_run": summary}, command=command)
     cache.write_provenance(prov)
