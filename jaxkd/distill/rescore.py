@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, load_exported
+from jaxkd.distill.teacher import _round_up, chat_ids
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k", "vocab"))
@@ -32,10 +33,6 @@ def _answer_topk(graphdef, params, ids_bt, pos_bt, seg_bt, gather_bn, temperatur
     logp_bnv = jax.nn.log_softmax(logits_bnv / temperature, axis=-1)
     values_bnk, ids_bnk = jax.lax.top_k(logp_bnv, k)
     return ids_bnk.astype(jnp.int32), values_bnk
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def answer_topk(model: Any, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,
@@ -72,8 +69,6 @@ def rescore_exported(model: Any, tokenizer: Any, answers_path: str | Path, cache
                      log: Callable[[str], None] = print) -> int:
     """Put every committed answer of ``answers_path`` (or only ``keys``) that the cache lacks into
     the cache, with top-k logits from one forward pass. Returns how many were added."""
-    from jaxkd.distill.teacher import chat_ids
-
     if top_k <= 0:
         raise ValueError("rescoring needs teacher.top_k > 0")
     _, exported = load_exported(answers_path)

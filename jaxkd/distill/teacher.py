@@ -33,7 +33,7 @@ from jaxkd.config import RunConfig, SamplingConfig, to_dict
 from jaxkd.data.formatting import SYSTEM_PROMPT, example_id, example_meta, prompt_messages
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, cache_key, export_answers
 from jaxkd.models.decoder import init_cache
-from jaxkd.models.generate import _SamplerKind, sample_tokens
+from jaxkd.models.generate import _SamplerKind, chat_ids, sample_tokens  # noqa: F401 (chat_ids re-exported)
 
 Message = dict[str, str]
 
@@ -100,18 +100,6 @@ def select_prompts(records: Sequence[Mapping[str, Any]], questions: str = "first
     for i in range(max((len(q) for q in queues), default=0)):
         out.extend(q[i] for q in queues if i < len(q))
     return out[:limit] if limit > 0 else out
-
-
-def chat_ids(tokenizer: Any, messages: Sequence[Message], *, add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a chat prompt (the assistant turn opened, nothing of it written)."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                        tokenize=True)
-    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    ids = list(ids)
-    if ids and isinstance(ids[0], (list, tuple, np.ndarray)):
-        ids = list(ids[0])
-    return [int(i) for i in ids]
 
 
 def real_vocab_size(tokenizer: Any, model_vocab: int) -> int:

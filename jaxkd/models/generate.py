@@ -43,6 +43,23 @@ class GenerationOutput:
     new_tokens: int
 
 
+def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
+             add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a chat prompt (the assistant turn opened, nothing of it written).
+
+    Tokenizers differ in what ``apply_chat_template(tokenize=True)`` returns (a list, a batch of
+    one, or an encoding with ``input_ids``); this flattens all of them to a list of ints.
+    """
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                        tokenize=True)
+    if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    ids = list(ids)
+    if ids and isinstance(ids[0], (list, tuple, np.ndarray)):
+        ids = list(ids[0])
+    return [int(i) for i in ids]
+
+
 @dataclasses.dataclass(frozen=True)
 class _SamplerKind:
     """The static (compile-time) part of a SamplingConfig."""
@@ -260,13 +277,7 @@ class Generator:
             yield tail
 
     def _chat_ids(self, messages: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        if isinstance(ids, Mapping) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        ids = list(ids)
-        if ids and isinstance(ids[0], (list, tuple, np.ndarray)):
-            ids = list(ids[0])
-        return [int(i) for i in ids]
+        return chat_ids(self.tokenizer, messages)
 
     def chat(self, messages_batch: Sequence[list[dict]], sampling: SamplingConfig) -> list[str]:
         """Answer a batch of conversations (each a list of {"role", "content"} messages)."""
