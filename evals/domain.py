@@ -146,7 +146,7 @@ def score_answers(items: Sequence[Mapping], answers: Sequence[str],
 
 def summarise(scores: Mapping[str, list], domains: Sequence[str] | None = None) -> dict[str, Any]:
     summary = {}
-    for m in ("required", "steps", "unsafe", "rougeL", "em"):
+    for m in ("required", "steps", "unsafe", "rougeL", "em", "judge", "judge_acc"):
         if m in scores:
             mean, lo, hi = bootstrap_ci(scores[m])
             summary[m] = {"mean": mean, "ci95": [lo, hi], "n": int(np.isfinite(scores[m]).sum())}
