@@ -242,7 +242,7 @@ def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, groundin
     keys = [gen_key(model_id, m, to_dict(sampling)) for m in msgs]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]
     if todo:
-        from jaxkd.models.generate import Generator
+        from jaxkd.models.generate import Generator, chat_ids
 
         t0 = time.perf_counter()
         pt, resolved = _load_model(model)
@@ -255,7 +255,7 @@ def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, groundin
         for s in range(0, len(todo), batch_size):
             chunk = todo[s:s + batch_size]
             t1 = time.perf_counter()
-            ids = [gen._chat_ids(msgs[i]) for i in chunk]
+            ids = [chat_ids(pt.tokenizer, msgs[i]) for i in chunk]
             out = gen.generate(ids, sampling)
             for i, toks, reason in zip(chunk, out.tokens, out.finish_reasons):
                 cache.add({"key": keys[i], "item_id": items[i]["id"], "answer":
@@ -281,11 +281,13 @@ def write_report(results_dir: Path = RESULTS, tags: Sequence[str] | None = None)
         raise FileNotFoundError(f"no result files for tags {missing} in {results_dir}")
     res = {t: json.loads(files[t].read_text()) for t in tags}
     metrics = ["required", "steps", "unsafe", "rougeL"]
+    metrics += [m for m in ("judge", "judge_acc") if any(m in r["summary"] for r in res.values())]
     lines = ["# Held-out domain QA: base student vs KD student vs teacher", "",
              "Means with 95% percentile-bootstrap intervals over held-out items (2000 resamples). "
              "required = keyword-group coverage (the domain accuracy score), steps = reference-step "
              "coverage, unsafe = share of answers with un-negated unsafe advice, rougeL = ROUGE-L F1 "
-             "to the reference tag's answers.", "",
+             "to the reference tag's answers; judge = LLM-as-judge technical correctness / 10 and "
+             "judge_acc = share scored >= 6/10 (`python -m evals.judge`).", "",
              "| model | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for t, r in res.items():
         cells = []

@@ -33,7 +33,7 @@ from jaxkd.config import RunConfig, SamplingConfig, to_dict
 from jaxkd.data.formatting import SYSTEM_PROMPT, example_id, example_meta, prompt_messages
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, cache_key, export_answers
 from jaxkd.models.decoder import init_cache
-from jaxkd.models.generate import _SamplerKind, chat_ids, sample_tokens  # noqa: F401 (chat_ids re-exported)
+from jaxkd.models.generate import SamplerKind, chat_ids, sample_tokens  # noqa: F401 (chat_ids re-exported)
 
 Message = dict[str, str]
 
@@ -175,7 +175,7 @@ def generate_with_topk(model: Any, prompts: Sequence[Sequence[int]], sampling: S
     for i, p in enumerate(prompts):
         ids[i, t - len(p):], seg[i, t - len(p):], pos[i, t - len(p):] = p, 1, np.arange(len(p))
     cache_len = _round_up(t + sampling.max_new_tokens, cache_bucket)
-    kind = _SamplerKind(greedy=sampling.temperature == 0.0, top_k=min(sampling.top_k, vocab),
+    kind = SamplerKind(greedy=sampling.temperature == 0.0, top_k=min(sampling.top_k, vocab),
                         use_top_p=sampling.top_p < 1.0)
     statics = dict(kind=kind, k=max(top_k, 1), vocab=vocab, logit_temp=float(logit_temperature))
     temperature = jnp.float32(max(sampling.temperature, 1e-6))

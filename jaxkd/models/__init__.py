@@ -106,8 +106,8 @@ def decoder_from_hf_tensors(cfg: ModelConfig, tensors: Any, *, param_dtype: Any,
 
     params.check_tensors(cfg, tensors, "load_pretrained")
     model = shd.abstract_decoder(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype)
-    # Decoder._hf_map: HF name -> (variable, hf->jaxkd layout, jaxkd->hf layout).
-    for name, (var, from_hf, _) in model._hf_map().items():
+    # Decoder.hf_map: HF name -> (variable, hf->jaxkd layout, jaxkd->hf layout).
+    for name, (var, from_hf, _) in model.hf_map().items():
         abstract = var.get_value()
         arr = from_hf(np.asarray(tensors.pop(name)))
         if tuple(arr.shape) != tuple(abstract.shape):

@@ -127,7 +127,7 @@ class Decoder(nnx.Module):
 
     # -- HF state dict in / out --------------------------------------------------------------
 
-    def _hf_map(self) -> dict[str, tuple[nnx.Param, Any, Any]]:
+    def hf_map(self) -> dict[str, tuple[nnx.Param, Any, Any]]:
         """HF tensor name -> (param, hf->mine, mine->hf)."""
         ident = (lambda a: a, lambda a: a)
         out: dict[str, tuple[nnx.Param, Any, Any]] = {
@@ -155,7 +155,7 @@ class Decoder(nnx.Module):
         """Set every parameter from an HF state dict (names and ``[out, in]`` layouts as in
         transformers). Strict: a missing or unexpected name or a wrong shape raises ValueError
         before anything is changed. Values are cast to the param dtype and keep their sharding."""
-        mapping = self._hf_map()
+        mapping = self.hf_map()
         if self.lm_head is None and "lm_head.weight" in tensors:
             # torch's state_dict() of a tied model lists the shared tensor twice; accept only that.
             head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
@@ -188,7 +188,7 @@ class Decoder(nnx.Module):
     def hf_tensors(self) -> dict[str, np.ndarray]:
         """The HF state dict (float32 numpy, ``[out, in]`` layouts): inverse of ``load_hf_tensors``."""
         return {name: np.asarray(to_hf(np.asarray(jax.device_get(param[...]), np.float32)))
-                for name, (param, _, to_hf) in self._hf_map().items()}
+                for name, (param, _, to_hf) in self.hf_map().items()}
 
 
 def count_params(cfg: ModelConfig) -> int:

@@ -61,7 +61,7 @@ def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
 
 
 @dataclasses.dataclass(frozen=True)
-class _SamplerKind:
+class SamplerKind:
     """The static (compile-time) part of a SamplingConfig."""
 
     greedy: bool
@@ -70,7 +70,7 @@ class _SamplerKind:
 
 
 def sample_tokens(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  kind: _SamplerKind) -> tuple[jax.Array, jax.Array]:
+                  kind: SamplerKind) -> tuple[jax.Array, jax.Array]:
     """Next tokens ``[B]`` and their log-probs under the base model (``log_softmax(logits)``)."""
     logits_bv = logits_bv.astype(jnp.float32)
     if kind.greedy:
@@ -97,7 +97,7 @@ def sample_tokens(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, 
 
 def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt: jax.Array,
                pos_bt: jax.Array, seg_bt: jax.Array, key: jax.Array, temperature: jax.Array,
-               top_p: jax.Array, kind: _SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
+               top_p: jax.Array, kind: SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
     """Run the (left-padded) prompts through the model, fill the cache, sample the first token."""
     model = nnx.merge(graphdef, params)
     h_btd, cache = model(ids_bt, pos_bt, cache=cache, segment_ids_bt=seg_bt, return_hidden=True)
@@ -108,7 +108,7 @@ def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt
 
 def decode_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tok_b: jax.Array,
               pos_b: jax.Array, step: jax.Array, key: jax.Array, temperature: jax.Array,
-              top_p: jax.Array, kind: _SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
+              top_p: jax.Array, kind: SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
     """Feed one token per row (at position ``pos_b``), sample the next one."""
     model = nnx.merge(graphdef, params)
     logits_b1v, cache = model(tok_b[:, None], pos_b[:, None], cache=cache)
@@ -201,7 +201,7 @@ class Generator:
         if max_new <= 0:
             raise ValueError(f"no room to generate: padded prompt length {t} fills max_seq_len "
                              f"{self.max_seq_len}")
-        kind = _SamplerKind(greedy=sampling.temperature == 0.0,
+        kind = SamplerKind(greedy=sampling.temperature == 0.0,
                             top_k=min(sampling.top_k, self.model.cfg.vocab_size),
                             use_top_p=sampling.top_p < 1.0)
         temperature = jnp.float32(max(sampling.temperature, 1e-6))
