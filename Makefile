@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 MODEL    ?= qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
-.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate clean
+.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate report clean
 
 setup: $(VENV)/.installed
 
@@ -61,6 +61,11 @@ bench: bench-generate
 
 bench-generate: setup
 	$(BIN)/python -m evals.bench_generate --model $(MODEL)
+
+# Rebuild the committed reports from the committed per-model results (no model runs).
+report: setup
+	$(BIN)/python -m evals.domain --report --report-tags student_base student_kd student_kd_grounded teacher teacher_grounded
+	$(BIN)/python -m evals.ablation
 
 clean:
 	rm -rf .jax_cache .pytest_cache build *.egg-info

@@ -312,7 +312,7 @@ def write_report(results_dir: Path = RESULTS, tags: Sequence[str] | None = None)
     lines += ["", "Commands and provenance:", ""]
     for t, r in res.items():
         lines.append(f"- `{t}`: `python -m evals.domain --model {r['model']} --split {r['split']} "
-                     f"--limit {r['n_items']} --grounding {r['grounding']}"
+                     f"--limit {r['n_items']} --grounding {r['grounding']} --tag {t}"
                      + (f" --reference-tag {r['reference_tag']}" if r.get("reference_tag") else "")
                      + f"` (max_new_tokens {r['max_new_tokens']}, greedy)")
     out = Path(results_dir) / "kd_domain.md"
