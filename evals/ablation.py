@@ -105,7 +105,9 @@ def paired(res: Mapping[str, dict], base: str, other: str, metric: str) -> tuple
 
 def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_grounded"),
           teachers: Sequence[str] = ("teacher", "teacher_grounded"), out_dir: Path = RESULTS,
-          teacher_dir: Path = TEACHER_DIR) -> Path:
+          teacher_dir: Path = TEACHER_DIR,
+          seen_students: Sequence[str] = ("student_base_seen", "student_kd_seen", "student_kd_grounded_seen")
+          ) -> Path:
     ts = teacher_stage_scores(teacher_dir=teacher_dir)
     res = heldout_rows([*students, *teachers], out_dir)
     sanity_p = out_dir / "judge_sanity.json"
@@ -157,6 +159,31 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
         diffs[f"{b} - {a}"] = {m: dict(zip(("mean", "lo", "hi", "n"), c)) for m, c in cells.items()}
         L.append(f"| {b} - {a} | " + " | ".join(_fmt(*cells[m][:3], True) for m in METRICS) + " |")
 
+    seen = [t for t in seen_students if (Path(out_dir) / f"kd_domain_{t}.json").exists()]
+    if seen:
+        rs = heldout_rows(seen, out_dir)
+        seen_metrics = [m for m in METRICS if any(m in rs[t]["summary"] for t in seen)]
+        L += ["", "## 2b. Records the students were distilled on, asked in a new phrasing", "",
+              "Each of the 64 train records of the KD run, asked with the record's next question "
+              "(`--items distilled-paraphrase`), which no model saw in training. The held-out table "
+              "above measures transfer to unseen devices and issues, where grounded answers can teach "
+              "form but not the missing facts; this one measures whether the facts of the distilled "
+              "records were absorbed.", "",
+              "| student | n | " + " | ".join(LABELS[m] for m in seen_metrics) + " |",
+              "|---|---|" + "---|" * len(seen_metrics)]
+        for t in seen:
+            s = rs[t]["summary"]
+            L.append(f"| {t} | {rs[t]['n_items']} | " + " | ".join(
+                _fmt(s[m]["mean"], *s[m]["ci95"]) if m in s else "-" for m in seen_metrics) + " |")
+        L += ["", "| comparison | " + " | ".join(LABELS[m] for m in seen_metrics) + " |",
+              "|---|" + "---|" * len(seen_metrics)]
+        for i, a in enumerate(seen):
+            for b in seen[i + 1:]:
+                cells = {m: paired(rs, a, b, m) for m in seen_metrics}
+                diffs[f"{b} - {a}"] = {m: dict(zip(("mean", "lo", "hi", "n"), c)) for m, c in cells.items()}
+                L.append(f"| {b} - {a} | " + " | ".join(_fmt(*cells[m][:3], True) for m in seen_metrics) + " |")
+        res.update(rs)
+
     if sanity:
         L += ["", "## 3. Does the judge discriminate?", "",
               f"Judge {sanity['judge']} on {sanity['n']} held-out items: the reference steps written as an "
@@ -180,6 +207,7 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
           "python -m evals.domain --model runs/kd-cpu-grounded --split test --limit 32 --tag student_kd_grounded --reference-tag teacher",
           "python -m evals.domain --model qwen2.5-coder-1.5b-instruct --split test --limit 32 --tag teacher",
           "python -m evals.domain --model qwen2.5-coder-1.5b-instruct --split test --limit N --grounding reference --tag teacher_grounded",
+          "python -m evals.domain --model <model> --items distilled-paraphrase --split train --limit 0 --tag <student>_seen",
           "python -m evals.judge --tags " + " ".join(students) + " --sanity --limit 16",
           "python -m evals.ablation",
           "```", "",
@@ -192,30 +220,34 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
     (out_dir / "grounding_ablation.json").write_text(json.dumps(
         {"teacher_stage": ts, "heldout": {t: r["summary"] for t, r in res.items()}, "paired": diffs,
          "judge_sanity": sanity}, indent=1, default=float))
-    _plot(res, students, out_dir / "grounding_ablation.png")
+    _plot(res, [("held-out test items (unseen records)", list(students)),
+                ("distilled records, new phrasing", seen)], out_dir / "grounding_ablation.png")
     return out
 
 
-def _plot(res: Mapping[str, dict], students: Sequence[str], path: Path) -> None:
+def _plot(res: Mapping[str, dict], groups: Sequence[tuple[str, Sequence[str]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in METRICS if all(m in res[t]["summary"] for t in students)]
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    width = 0.8 / len(students)
-    for j, t in enumerate(students):
-        s = res[t]["summary"]
-        means = [s[m]["mean"] for m in metrics]
-        err = np.array([[s[m]["mean"] - s[m]["ci95"][0], s[m]["ci95"][1] - s[m]["mean"]] for m in metrics]).T
-        ax.bar(np.arange(len(metrics)) + j * width, means, width, yerr=np.clip(err, 0, None), capsize=3, label=t)
-    ax.set_xticks(np.arange(len(metrics)) + width * (len(students) - 1) / 2, [LABELS[m] for m in metrics],
-                  fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("held-out mean (95% CI)")
-    ax.set_title("Student KD: grounded vs ungrounded teacher", fontsize=10)
-    ax.legend(fontsize=7)
+    groups = [(title, tags) for title, tags in groups if tags]
+    fig, axes = plt.subplots(1, len(groups), figsize=(7.5 * len(groups), 3.8), squeeze=False)
+    for ax, (title, tags) in zip(axes[0], groups):
+        metrics = [m for m in METRICS if all(m in res[t]["summary"] for t in tags)]
+        width = 0.8 / len(tags)
+        for j, t in enumerate(tags):
+            s = res[t]["summary"]
+            means = [s[m]["mean"] for m in metrics]
+            err = np.array([[s[m]["mean"] - s[m]["ci95"][0], s[m]["ci95"][1] - s[m]["mean"]] for m in metrics]).T
+            ax.bar(np.arange(len(metrics)) + j * width, means, width, yerr=np.clip(err, 0, None), capsize=3,
+                   label=f"{t} (n={res[t]['n_items']})")
+        ax.set_xticks(np.arange(len(metrics)) + width * (len(tags) - 1) / 2, [LABELS[m] for m in metrics],
+                      fontsize=7, rotation=12)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("mean (95% bootstrap CI)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

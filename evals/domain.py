@@ -181,6 +181,32 @@ def heldout_items(split: str = "test", limit: int = 0) -> list[dict]:
     return out[:limit] if limit > 0 else out
 
 
+def distilled_paraphrase_items(config: str | Path = "configs/cpu_default.yaml", split: str = "train",
+                               limit: int = 0) -> list[dict]:
+    """Another phrasing of each question the KD run was distilled on.
+
+    The records are exactly the teacher stage's prompts of ``split`` under ``config``; each item
+    asks the record's next question (index + 1, wrapping), which neither teacher nor student saw in
+    training. Held-out test items measure transfer to unseen devices; these measure whether the
+    student absorbed the knowledge of the records it was distilled on.
+    """
+    from jaxkd.config import RunConfig, load
+    from jaxkd.distill.teacher import teacher_prompts
+
+    cfg = load(RunConfig, config)
+    out = []
+    for p in teacher_prompts(cfg, split):
+        rec, qs = p.record, p.record["questions"]
+        if len(qs) < 2:
+            continue
+        qi = (p.question_index + 1) % len(qs)
+        out.append({"id": f"{rec['id']}#q{qi}", "record_id": rec["id"], "category": rec["category"],
+                    "device": rec.get("device"), "question": qs[qi], "question_index": qi,
+                    "required": rec["required"], "reference_steps": rec["steps"],
+                    "safety": rec.get("safety", [])})
+    return out[:limit] if limit > 0 else out
+
+
 def item_messages(item: Mapping, grounding: str = "none") -> list[dict]:
     from jaxkd.data.formatting import SYSTEM_PROMPT
     from jaxkd.distill.teacher import teacher_messages
@@ -353,7 +379,8 @@ def _plot(res: Mapping[str, Mapping], path: Path) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    items = heldout_items(args.split, args.limit)
+    items = (distilled_paraphrase_items(args.config, args.split, args.limit) if args.items == "distilled-paraphrase"
+             else heldout_items(args.split, args.limit))
     tag = args.tag or re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(args.model).name) + (
         "" if args.grounding == "none" else f"_grounded")
     answers = generate_answers(args.model, items, tag=tag, grounding=args.grounding,
@@ -366,6 +393,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             refs = [by_item[it["id"]] for it in items]
     scores = score_answers(items, answers, refs)
     result = {"tag": tag, "model": args.model, "grounding": args.grounding, "split": args.split,
+              "items_kind": args.items,
               "n_items": len(items), "max_new_tokens": args.max_new_tokens,
               "reference_tag": args.reference_tag if refs else None,
               "summary": summarise(scores, [it["category"] for it in items]),
@@ -382,6 +410,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", help="preset name, .gguf, HF dir, or a jaxkd.train run dir (runs/<name>)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=40, help="items (category-interleaved); 0 = all")
+    p.add_argument("--items", default="heldout", choices=["heldout", "distilled-paraphrase"],
+                   help="held-out QA of --split's records, or a new phrasing of each question the "
+                        "KD run under --config was distilled on")
+    p.add_argument("--config", default="configs/cpu_default.yaml", help="for --items distilled-paraphrase")
     p.add_argument("--grounding", default="none", choices=["none", "reference"])
     p.add_argument("--tag", default=None, help="name of the results/generation files")
     p.add_argument("--reference-tag", default=None, help="tag whose answers ROUGE-L/EM compare against")

@@ -197,12 +197,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=32, help="held-out items for --sanity")
     p.add_argument("--sanity", action="store_true", help="reference vs mismatched answers")
+    p.add_argument("--config", default="configs/cpu_default.yaml",
+                   help="run config whose distilled records the *_seen tags ask about")
     p.add_argument("--batch-size", type=int, default=8)
     args = p.parse_args(argv)
     if not args.tags and not args.sanity:
         p.error("give --tags and/or --sanity")
     judge = Judge(args.judge, batch_size=args.batch_size)
-    items = heldout_items(args.split, 0)
+    from evals.domain import distilled_paraphrase_items
+
+    items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
     by_id = {it["id"]: it for it in items}
     for tag in args.tags:
         s = judge_tag(judge, tag, by_id)

@@ -134,14 +134,36 @@ def test_grounding_ablation_report(tmp_path):
                   "judge_acc": float(ans == GOOD)} for i, it in enumerate(ITEMS)]
         summ = summarise({**sc, "judge": [i["judge"] for i in items], "judge_acc": [i["judge_acc"] for i in items]})
         (tmp_path / f"kd_domain_{tag}.json").write_text(json.dumps({"n_items": 4, "summary": summ, "items": items}))
-    out = A.write(["b", "k", "kg"], ["t", "tg"], out_dir=tmp_path, teacher_dir=tdir)
+    for tag, ans in (("ks", BAD), ("kgs", GOOD)):
+        sc = score_answers(ITEMS[:2], [ans] * 2)
+        (tmp_path / f"kd_domain_{tag}.json").write_text(json.dumps(
+            {"n_items": 2, "summary": summarise(sc),
+             "items": [{"id": it["id"], **{k: v[i] for k, v in sc.items()}} for i, it in enumerate(ITEMS[:2])]}))
+    out = A.write(["b", "k", "kg"], ["t", "tg"], out_dir=tmp_path, teacher_dir=tdir,
+                  seen_students=["ks", "kgs", "absent"])
     text = out.read_text()
     assert "| grounding=reference | 1.000 [1.000, 1.000]" in text
     assert "| paired reference - none | +1.000 [+1.000, +1.000]" in text
     assert "| kg - k | +0.333 [+0.333, +0.333]" in text  # step coverage: GOOD covers 1 of 3 steps
+    assert "## 2b." in text and "| kgs - ks | +0.333 [+0.333, +0.333]" in text and "absent" not in text
     data = json.loads((tmp_path / "grounding_ablation.json").read_text())
     assert data["paired"]["kg - k"]["judge_acc"]["mean"] == 1.0
     assert data["teacher_stage"]["by_grounding"]["reference"]["eos"]["mean"] == 1.0
     assert (tmp_path / "grounding_ablation.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="teacher-stage answers missing"):
         A.write(["b"], ["t"], out_dir=tmp_path, teacher_dir=tmp_path / "nowhere")
+
+
+def test_distilled_paraphrase_items_ask_the_distilled_records_anew():
+    from jaxkd.config import RunConfig, load
+    from jaxkd.distill.teacher import teacher_prompts
+
+    from evals.domain import distilled_paraphrase_items
+
+    cfg = load(RunConfig, "configs/cpu_default.yaml")
+    prompts = teacher_prompts(cfg, "train")
+    items = distilled_paraphrase_items("configs/cpu_default.yaml", "train")
+    assert [it["record_id"] for it in items] == [p.record["id"] for p in prompts if len(p.record["questions"]) > 1]
+    seen = {p.record["id"]: p.record["questions"][p.question_index] for p in prompts}
+    for it in items:
+        assert it["question"] != seen[it["record_id"]] and it["reference_steps"]
