@@ -50,9 +50,12 @@ def test_teacher_then_kd_then_resume(presets, capsys, monkeypatch):
     import shutil
 
     shutil.rmtree(root / "cache")
+    before = files[0].read_bytes()
     assert main(_args(root, p, "stage=teacher")) == 0
     out = capsys.readouterr().out
     assert "rescoring 6 committed teacher answers" in out and '"generated": 0' in out
+    # ...and the committed file keeps the provenance of the run that generated the answers
+    assert "left unchanged" in out and files[0].read_bytes() == before
 
     assert main(_args(root, p, "stage=kd", "train.steps=2")) == 0
     summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())

@@ -86,7 +86,7 @@ def _publish(cfg, summary) -> None:
 
 def _teacher_stage(cfg, command: str) -> int:
     from jaxkd.distill import teacher as T
-    from jaxkd.distill.cache import TeacherCache
+    from jaxkd.distill.cache import TeacherCache, load_exported
     from jaxkd.models import load_pretrained
 
     items = [it for s in cfg.teacher.splits for it in T.teacher_prompts(cfg, s)]
@@ -116,8 +116,16 @@ def _teacher_stage(cfg, command: str) -> int:
     prov = T.provenance(cfg, {"splits": {s: sum(it.split == s for it in items) for s in cfg.teacher.splits},
                               "last_run": summary}, command=command)
     cache.write_provenance(prov)
-    path = T.export_stage_answers(cfg, items, prov)
-    print(f"teacher answers: {len(items)} prompts -> {path} (top-k store in {cfg.teacher.cache_dir})")
+    committed = T.answers_export_path(cfg)
+    if not summary.get("generated") and committed.exists() and \
+            {it.key for it in items} <= set(load_exported(committed)[1]):
+        # Nothing was decoded (answers cached or rescored): the committed file and the provenance
+        # of the run that generated it stay as they are.
+        print(f"teacher answers: all {len(items)} prompts already in {committed} (left unchanged; "
+              f"top-k store in {cfg.teacher.cache_dir})")
+    else:
+        path = T.export_stage_answers(cfg, items, prov)
+        print(f"teacher answers: {len(items)} prompts -> {path} (top-k store in {cfg.teacher.cache_dir})")
     print(json.dumps(summary, indent=1))
     return 0
 
