@@ -103,6 +103,24 @@ def paired(res: Mapping[str, dict], base: str, other: str, metric: str) -> tuple
     return m, lo, hi, len(common)
 
 
+def _student_tables(res: Mapping[str, dict], tags: list[str], metrics: Sequence[str],
+                    diffs: dict[str, dict]) -> list[str]:
+    """Means per model, then every pairwise difference (later tag minus earlier), into ``diffs``."""
+    head = " | ".join(LABELS[m] for m in metrics)
+    L = [f"| student | n | {head} |", "|---|---|" + "---|" * len(metrics)]
+    for t in tags:
+        s = res[t]["summary"]
+        L.append(f"| {t} | {res[t]['n_items']} | " + " | ".join(
+            _fmt(s[m]["mean"], *s[m]["ci95"]) if m in s else "-" for m in metrics) + " |")
+    L += ["", "Paired differences (same items):", "", f"| comparison | {head} |", "|---|" + "---|" * len(metrics)]
+    for i, a in enumerate(tags):
+        for b in tags[i + 1:]:
+            cells = {m: paired(res, a, b, m) for m in metrics}
+            diffs[f"{b} - {a}"] = {m: dict(zip(("mean", "lo", "hi", "n"), c)) for m, c in cells.items()}
+            L.append(f"| {b} - {a} | " + " | ".join(_fmt(*cells[m][:3], True) for m in metrics) + " |")
+    return L
+
+
 def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_grounded"),
           teachers: Sequence[str] = ("teacher", "teacher_grounded"), out_dir: Path = RESULTS,
           teacher_dir: Path = TEACHER_DIR,
@@ -143,45 +161,20 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
         L.append(f"| paired {teachers[1]} - {teachers[0]} | {cells[0][3]} | "
                  + " | ".join(_fmt(*c[:3], True) for c in cells) + " |")
 
-    L += ["", "## 2. Student ablation on the held-out test items", "",
-          "| student | n | " + " | ".join(LABELS[m] for m in METRICS) + " |",
-          "|---|---|" + "---|" * len(METRICS)]
-    for t in students:
-        s = res[t]["summary"]
-        L.append(f"| {t} | {res[t]['n_items']} | " + " | ".join(
-            _fmt(s[m]["mean"], *s[m]["ci95"]) if m in s else "-" for m in METRICS) + " |")
-    pairs = [(students[i], students[j]) for i in range(len(students)) for j in range(i + 1, len(students))]
     diffs: dict[str, dict] = {}
-    L += ["", "Paired differences (row model minus column baseline, same items):", "",
-          "| comparison | " + " | ".join(LABELS[m] for m in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for a, b in pairs:
-        cells = {m: paired(res, a, b, m) for m in METRICS}
-        diffs[f"{b} - {a}"] = {m: dict(zip(("mean", "lo", "hi", "n"), c)) for m, c in cells.items()}
-        L.append(f"| {b} - {a} | " + " | ".join(_fmt(*cells[m][:3], True) for m in METRICS) + " |")
+    L += ["", "## 2. Student ablation on the held-out test items", ""]
+    L += _student_tables(res, list(students), METRICS, diffs)
 
     seen = [t for t in seen_students if (Path(out_dir) / f"kd_domain_{t}.json").exists()]
     if seen:
         rs = heldout_rows(seen, out_dir)
-        seen_metrics = [m for m in METRICS if any(m in rs[t]["summary"] for t in seen)]
         L += ["", "## 2b. Records the students were distilled on, asked in a new phrasing", "",
               "Each of the 64 train records of the KD run, asked with the record's next question "
               "(`--items distilled-paraphrase`), which no model saw in training. The held-out table "
               "above measures transfer to unseen devices and issues, where grounded answers can teach "
               "form but not the missing facts; this one measures whether the facts of the distilled "
-              "records were absorbed.", "",
-              "| student | n | " + " | ".join(LABELS[m] for m in seen_metrics) + " |",
-              "|---|---|" + "---|" * len(seen_metrics)]
-        for t in seen:
-            s = rs[t]["summary"]
-            L.append(f"| {t} | {rs[t]['n_items']} | " + " | ".join(
-                _fmt(s[m]["mean"], *s[m]["ci95"]) if m in s else "-" for m in seen_metrics) + " |")
-        L += ["", "| comparison | " + " | ".join(LABELS[m] for m in seen_metrics) + " |",
-              "|---|" + "---|" * len(seen_metrics)]
-        for i, a in enumerate(seen):
-            for b in seen[i + 1:]:
-                cells = {m: paired(rs, a, b, m) for m in seen_metrics}
-                diffs[f"{b} - {a}"] = {m: dict(zip(("mean", "lo", "hi", "n"), c)) for m, c in cells.items()}
-                L.append(f"| {b} - {a} | " + " | ".join(_fmt(*cells[m][:3], True) for m in seen_metrics) + " |")
+              "records were absorbed.", ""]
+        L += _student_tables(rs, seen, [m for m in METRICS if any(m in rs[t]["summary"] for t in seen)], diffs)
         res.update(rs)
 
     if sanity:
