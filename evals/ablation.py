@@ -199,15 +199,19 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
           "python -m evals.domain --model runs/kd-cpu --split test --limit 32 --tag student_kd --reference-tag teacher",
           "python -m evals.domain --model runs/kd-cpu-grounded --split test --limit 32 --tag student_kd_grounded --reference-tag teacher",
           "python -m evals.domain --model qwen2.5-coder-1.5b-instruct --split test --limit 32 --tag teacher",
-          "python -m evals.domain --model qwen2.5-coder-1.5b-instruct --split test --limit N --grounding reference --tag teacher_grounded",
-          "python -m evals.domain --model <model> --items distilled-paraphrase --split train --limit 0 --tag <student>_seen",
+          "python -m evals.domain --model qwen2.5-coder-1.5b-instruct --split test --limit 32 --grounding reference --tag teacher_grounded",
+          "python -m evals.domain --model qwen2.5-coder-0.5b-instruct --items distilled-paraphrase --split train --limit 0 --tag student_base_seen",
+          "python -m evals.domain --model runs/kd-cpu --items distilled-paraphrase --split train --limit 0 --tag student_kd_seen",
+          "python -m evals.domain --model runs/kd-cpu-grounded --items distilled-paraphrase --split train --limit 0 --tag student_kd_grounded_seen",
           "python -m evals.judge --tags " + " ".join(students) + " --sanity --limit 16",
           "python -m evals.ablation",
           "```", "",
           "Teacher-stage provenance: " + "; ".join(
               f"{g}: {p.get('date')} on {p.get('machine')}, {(p.get('last_run') or {}).get('tok_per_s')} tok/s"
               for g, p in ts["provenance"].items()) + ".",
-          "Held-out generations: evals/results/generations/<tag>.jsonl; verdicts: evals/results/judgements/."]
+          "Generations (with the command, date and machine of each): evals/results/generations/<tag>.jsonl; "
+          "judge verdicts: evals/results/judgements/. Every `python -m evals.domain` call above ran with "
+          "`--batch-size 16` under `flock /tmp/jaxkd-bigmem.lock`."]
     out = out_dir / "grounding_ablation.md"
     out.write_text("\n".join(L) + "\n")
     (out_dir / "grounding_ablation.json").write_text(json.dumps(
