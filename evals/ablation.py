@@ -150,14 +150,15 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
     d = ts["paired_reference_minus_none"]
     L.append("| paired reference - none | " + " | ".join(_fmt(d[k]["mean"], d[k]["lo"], d[k]["hi"], True)
                                                        for k in ("steps", "required", "unsafe")) + " | | |")
+    tm = [m for m in METRICS if any(m in res[t]["summary"] for t in teachers)]
     L += ["", "On the held-out test items (`python -m evals.domain`, grounding only in the teacher's context):", "",
-          "| teacher | n | key-step coverage | keyword coverage | unsafe |", "|---|---|---|---|---|"]
+          "| teacher | n | " + " | ".join(LABELS[m] for m in tm) + " |", "|---|---|" + "---|" * len(tm)]
     for t in teachers:
         s = res[t]["summary"]
         L.append(f"| {t} | {res[t]['n_items']} | " + " | ".join(
-            _fmt(s[k]["mean"], *s[k]["ci95"]) if k in s else "-" for k in ("steps", "required", "unsafe")) + " |")
+            _fmt(s[k]["mean"], *s[k]["ci95"]) if k in s else "-" for k in tm) + " |")
     if len(teachers) == 2:
-        cells = [paired(res, teachers[0], teachers[1], k) for k in ("steps", "required", "unsafe")]
+        cells = [paired(res, teachers[0], teachers[1], k) for k in tm]
         L.append(f"| paired {teachers[1]} - {teachers[0]} | {cells[0][3]} | "
                  + " | ".join(_fmt(*c[:3], True) for c in cells) + " |")
 
@@ -204,6 +205,7 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
           "python -m evals.domain --model runs/kd-cpu --items distilled-paraphrase --split train --limit 0 --tag student_kd_seen",
           "python -m evals.domain --model runs/kd-cpu-grounded --items distilled-paraphrase --split train --limit 0 --tag student_kd_grounded_seen",
           "python -m evals.judge --tags " + " ".join(students) + " --sanity --limit 16",
+          "python -m evals.judge --tags " + " ".join(teachers),
           "python -m evals.ablation",
           "```", "",
           "Teacher-stage provenance: " + "; ".join(
