@@ -206,7 +206,7 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
           "python -m evals.domain --model runs/kd-cpu-grounded --items distilled-paraphrase --split train --limit 0 --tag student_kd_grounded_seen",
           "python -m evals.judge --tags " + " ".join(students) + " --sanity --limit 16",
           "python -m evals.judge --tags " + " ".join(teachers),
-          "python -m evals.judge --tags " + " ".join(reversed(list(seen_students))),
+          "python -m evals.judge --tags " + " ".join(reversed(seen)),
           "python -m evals.ablation",
           "```", "",
           "Teacher-stage provenance: " + "; ".join(
