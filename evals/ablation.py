@@ -38,30 +38,21 @@ def _fmt(mean: float, lo: float, hi: float, signed: bool = False) -> str:
     return f"{f.format(mean)} [{f.format(lo)}, {f.format(hi)}]"
 
 
-def load_teacher_answers(path: Path) -> tuple[dict[str, dict], dict]:
-    rows, prov = {}, {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        r = json.loads(line)
-        if "provenance" in r and "answer" not in r:
-            prov = r["provenance"]
-            continue
-        rows[r["example_id"]] = r
-    return rows, prov
-
-
 def teacher_stage_scores(teacher: str = "qwen2.5-coder-1.5b-instruct", teacher_dir: Path = TEACHER_DIR
                          ) -> dict[str, Any]:
     """Key-step / keyword coverage of the committed ungrounded vs grounded teacher-stage answers."""
     from jaxkd.data.store import load_records
+    from jaxkd.distill.cache import load_exported
 
     paths = {g: Path(teacher_dir) / f"{teacher}__{g}.jsonl" for g in ("none", "reference")}
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise FileNotFoundError(f"teacher-stage answers missing: {missing} (run `python -m jaxkd.train "
                                 f"--config configs/cpu_default.yaml stage=teacher teacher.grounding=...`)")
-    loaded = {g: load_teacher_answers(p) for g, p in paths.items()}
+    loaded = {}
+    for g, p in paths.items():
+        prov, entries = load_exported(p)
+        loaded[g] = ({e.example_id: e for e in entries.values()}, prov)
     records = {r["id"]: r for s in ("train", "val") for r in load_records(s)}
     common = sorted(set(loaded["none"][0]) & set(loaded["reference"][0]))
     out: dict[str, Any] = {"n": len(common), "teacher": teacher, "by_grounding": {}, "provenance": {}}
@@ -69,12 +60,12 @@ def teacher_stage_scores(teacher: str = "qwen2.5-coder-1.5b-instruct", teacher_d
     for g, (rows, prov) in loaded.items():
         m = {"steps": [], "required": [], "unsafe": [], "eos": [], "tokens": []}
         for ex in common:
-            rec, ans = records[ex.split("#")[0]], rows[ex]["answer"]
+            rec, ans = records[ex.split("#")[0]], rows[ex].answer
             m["steps"].append(step_coverage(ans, rec["steps"]))
             m["required"].append(required_coverage(ans, rec["required"]))
             m["unsafe"].append(unsafe_flag(ans)[0])
-            m["eos"].append(float(rows[ex]["finish_reason"] == "eos"))
-            m["tokens"].append(len(rows[ex]["answer_ids"]))
+            m["eos"].append(float(rows[ex].finish_reason == "eos"))
+            m["tokens"].append(len(rows[ex].answer_ids))
         per[g] = m
         out["by_grounding"][g] = {k: dict(zip(("mean", "lo", "hi"), bootstrap_ci(v))) for k, v in m.items()}
         out["provenance"][g] = {k: prov.get(k) for k in ("command", "date", "machine", "last_run")}

@@ -117,17 +117,22 @@ def test_sanity_uses_other_category_answers(tmp_path):
 
 def test_grounding_ablation_report(tmp_path):
     from jaxkd.data.store import load_records
+    from jaxkd.distill.cache import TeacherEntry, export_answers
 
     recs = load_records("train")[:6]
     tdir = tmp_path / "teacher"
     tdir.mkdir()
     for g in ("none", "reference"):
-        rows = [{"provenance": {"date": "d", "machine": "m", "last_run": {"tok_per_s": 1.0}}}]
+        entries = []
         for r in recs:
             ans = "\n".join(f"{i}. {s}" for i, s in enumerate(r["steps"], 1)) if g == "reference" else "Restart it."
-            rows.append({"example_id": f"{r['id']}#q0", "answer": ans, "answer_ids": [1, 2],
-                         "finish_reason": "eos" if g == "reference" else "length"})
-        (tdir / f"qwen2.5-coder-1.5b-instruct__{g}.jsonl").write_text("\n".join(json.dumps(x) for x in rows))
+            entries.append(TeacherEntry(
+                key=f"{g}:{r['id']}", example_id=f"{r['id']}#q0", split="train", meta={}, preset="t",
+                grounding=g, sampling={}, teacher_messages=[], student_messages=[], answer=ans,
+                answer_ids=[1, 2], eos_id=7 if g == "reference" else None,
+                finish_reason="eos" if g == "reference" else "length"))
+        export_answers(entries, tdir / f"qwen2.5-coder-1.5b-instruct__{g}.jsonl",
+                       {"date": "d", "machine": "m", "last_run": {"tok_per_s": 1.0}})
     for tag, ans in (("b", BAD), ("k", BAD), ("kg", GOOD), ("t", BAD), ("tg", GOOD)):
         sc = score_answers(ITEMS, [ans] * 4)
         items = [{"id": it["id"], **{k: v[i] for k, v in sc.items()}, "judge": 0.9 if ans == GOOD else 0.2,
