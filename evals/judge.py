@@ -31,7 +31,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from evals.domain import GENERATIONS, RESULTS, GenerationCache, bootstrap_ci, gen_key, heldout_items
+from evals.domain import (GENERATIONS, RESULTS, GenerationCache, bootstrap_ci, distilled_paraphrase_items, gen_key,
+                          heldout_items)
 
 JUDGEMENTS = RESULTS / "judgements"
 DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
@@ -204,8 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.tags and not args.sanity:
         p.error("give --tags and/or --sanity")
     judge = Judge(args.judge, batch_size=args.batch_size)
-    from evals.domain import distilled_paraphrase_items
-
     items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
     by_id = {it["id"]: it for it in items}
     for tag in args.tags:
