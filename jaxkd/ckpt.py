@@ -152,10 +152,11 @@ class RunCheckpointer:
         meta = {"format": FORMAT, "step": int(step), "params_paths": p_paths, "train_paths": t_paths,
                 "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "extras": dict(extras or {})}
-        self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(p_leaves)}),
-            train=ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(t_leaves)}),
-            meta=ocp.args.JsonSave(meta)), force=True)
+        items = {"params": ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(p_leaves)}),
+                 "meta": ocp.args.JsonSave(meta)}
+        if t_leaves:  # orbax refuses an empty item (a state of parameters only)
+            items["train"] = ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(t_leaves)})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         self.manager.wait_until_finished()  # a checkpoint is complete before training goes on
         return self.step_dir(step)
 
@@ -188,6 +189,8 @@ class RunCheckpointer:
     def _restore_item(self, step: int, item: str, template: Any, paths: list[str]) -> Any:
         where = self.step_dir(step)
         want, leaves = _flatten(template)
+        if not want and not paths:
+            return template
         if want != paths:
             diff = sorted(set(want) ^ set(paths))[:5]
             raise CheckpointError(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jaxkd.ckpt import CKPT_DIR, CheckpointError, RunCheckpointer, is_run_dir, read_run_meta
-from jaxkd.config import ModelConfig, ModelSpec, from_dict
+from jaxkd.config import ConfigError, ModelConfig, ModelSpec, from_dict
 
 if TYPE_CHECKING:
     from jax.sharding import Mesh
@@ -107,7 +107,7 @@ def default_model(runs_dir: str | os.PathLike = "runs") -> tuple[str, str]:
     run = newest_run(runs_dir)
     if run is not None:
         return str(run), f"the newest trained run under {runs_dir}/"
-    return DEFAULT_MODEL, f"the base preset: no trained run under {runs_dir}/"
+    return DEFAULT_MODEL, f"no trained run under {runs_dir}/"
 
 
 def _load_plain(spec: str | os.PathLike | ModelSpec, **kw: Any) -> LoadedModel:
@@ -182,7 +182,7 @@ def load_model(spec: str | os.PathLike | ModelSpec, *, step: int | None = None, 
         out = _load_run(run, step, **kw)
     else:
         if step is not None:
-            raise ValueError(f"step={step} applies only to a trained run directory, not {spec}")
+            raise ConfigError(f"step={step} applies only to a trained run directory, not {spec}")
         out = _load_plain(spec, **kw)
     out.load_s = time.perf_counter() - t0
     return out
