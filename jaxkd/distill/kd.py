@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.ckpt import RunCheckpointer
-from jaxkd.config import DistillConfig, RunConfig, to_dict
+from jaxkd.config import DistillConfig, RunConfig
 from jaxkd.data.loader import kd_dataset, kd_eval_batches
 from jaxkd.distill.cache import KDExample, TeacherCache, kd_example, load_exported
 from jaxkd.distill.losses import TopK, align_vocab, cross_entropy, kd_objective, soft_kd_topk
@@ -326,4 +326,4 @@ def write_summary(run_dir: Any, summary: Mapping[str, Any]) -> None:
 
 
 __all__ = ["KDResult", "final_generation", "kd_loss", "load_kd_examples", "make_eval_step", "reweight_domains",
-           "run_kd", "student_logits", "to_dict", "trained_system_prompt", "write_summary"]
+           "run_kd", "student_logits", "trained_system_prompt", "write_summary"]

@@ -21,6 +21,14 @@ The loop (``run_loop``) knows nothing about KD or GRPO: a batch ``source`` (an i
 grain pipeline, or a callable ``source(step, state) -> batch`` that may run rollouts with the
 current params outside jit) feeds the step, and ``Hook`` objects do everything else (metrics,
 checkpoints, eval, NaN stop, domain re-weighting; see ``jaxkd.train.hooks``).
+
+A recipe (KD: ``jaxkd.distill.kd``) is a function ``(cfg, resume, command) -> exit code`` in
+``jaxkd.train.__main__.RECIPES``. It loads its models (``jaxkd.serving.load_model`` also takes a
+trained run as the starting point), splits trainable from frozen (``state.split_model``), builds
+``tx`` (``state.make_optimizer``), ``init_state`` and ``make_train_step``, writes its run directory
+(``run_meta.prepare_run_dir``), opens ``jaxkd.ckpt.RunCheckpointer``, and calls ``run_loop`` with
+its batch source and hooks; whatever else must resume exactly (a data iterator's or a rollout
+sampler's state) goes into each checkpoint as ``extras`` and comes back from ``restore``.
 """
 
 from __future__ import annotations
