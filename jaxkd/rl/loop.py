@@ -190,6 +190,7 @@ def run_grpo(model: nnx.Module, tokenizer: Any, next_prompts: Callable[[int], li
         rec.update({"reward_mean": float(total.mean()), "reward_std": float(total.std()),
                     "adv_mean": float(adv.mean()), "adv_abs_mean": float(np.abs(adv).mean()),
                     "identical_group_frac": ro.identical_group_frac(roll), "resample_rounds": rounds,
+                    "rows_in_loss": int((mask.sum(-1) > 0).sum()),
                     "rollout_s": t_roll, "step_s": time.perf_counter() - t0})
         for name, v in roll.rewards.items():
             rec[f"reward/{name}_mean"], rec[f"reward/{name}_std"] = float(v.mean()), float(v.std())
