@@ -257,7 +257,9 @@ def make_grpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg
            read when cfg.beta > 0; without it no reference forward is traced)}; never differentiated.
     ``accum_steps``: micro-batches per optimizer update. Their losses already sum to the full
     batch loss; ``optax.MultiSteps`` averages gradients, so the gradient is scaled by
-    ``accum_steps`` to make that average equal the full-batch gradient.
+    ``accum_steps`` to make that average equal the full-batch gradient (the ``grad_norm``
+    metric is of that scaled micro-batch gradient). ``metrics["loss"]`` is the micro-batch's
+    share: summed over the micro-batches of one update it is the full-batch loss.
     """
     if accum_steps < 1:
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")

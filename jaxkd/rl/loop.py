@@ -132,8 +132,9 @@ def run_grpo(model: nnx.Module, tokenizer: Any, next_prompts: Callable[[int], li
         nnx.update(model, state["params"])  # the sampler must see the current policy
 
         def sample(round_: int) -> ro.Rollout:
-            r = ro.generate_rollouts(gen, next_prompts(cfg.prompts_per_step), cfg,
-                                     seed=cfg.seed * 1_000_003 + it * 101 + round_)
+            # a distinct, reproducible sampler stream per (run seed, step, re-sampling round)
+            seed = int(np.random.SeedSequence([cfg.seed, it, round_]).generate_state(1)[0])
+            r = ro.generate_rollouts(gen, next_prompts(cfg.prompts_per_step), cfg, seed=seed)
             _score(r, reward_fn)
             return r
 

@@ -203,7 +203,7 @@ def pack_batch(rollout: Rollout, *, pad_id: int, seq_len: int | None = None, buc
     n = rollout.rows
     full = [list(rollout.prompts[g].ids) + list(c) for g, c in zip(rollout.group, rollout.completion_ids)]
     longest = max(len(r) for r in full)
-    t = seq_len if seq_len is not None else _round_up(longest + 1, bucket)
+    t = seq_len if seq_len is not None else _round_up(longest, bucket)
     if longest > t:
         raise ValueError(f"a rollout row has {longest} tokens but seq_len is {t}")
     ids = np.full((n, t), pad_id, np.int32)
