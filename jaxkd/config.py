@@ -536,6 +536,128 @@ class MeshConfig:
     tensor: int = 1
 
 
+# Names of the GRPO variants (kept as Literals so loading a config never imports jax).
+AdvantageScaling = Literal["group", "batch", "none"]
+LossAggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
+RatioLevel = Literal["token", "sequence"]
+DynamicSampling = Literal["off", "drop", "resample"]
+
+
+@_frozen
+class GRPODiagnosticsConfig:
+    """Warning thresholds of the reward-hacking / stability checks (jaxkd.rl.diagnostics).
+
+    A check whose value crosses its threshold prints a warning naming it; ``None`` switches a
+    check off.
+    """
+
+    max_length_reward_corr: float | None = 0.6   # within-group length vs reward (verbosity)
+    max_boilerplate_batch: float | None = 0.5    # share of n-grams shared with other prompts' answers
+    max_boilerplate_group: float | None = 0.8    # share of n-grams every sibling answer also has
+    max_self_repetition: float | None = 0.5      # repeated n-grams inside one answer
+    min_question_overlap: float | None = 0.05    # question content words found in the answer
+    min_reference_overlap: float | None = 0.02   # reference (record) content words found in it
+    min_distinct_2: float | None = 0.2           # distinct bigrams / bigrams within a group
+    max_kl: float | None = 1.0                   # k3 KL to the reference (beta > 0) per token
+    max_clip_frac: float | None = 0.3            # low + high clip fraction
+    min_entropy: float | None = 0.05             # policy entropy per token (nats)
+    max_zero_variance_frac: float | None = 0.75  # groups whose K rewards are all equal
+    max_truncation_rate: float | None = 0.5      # completions that hit max_new_tokens
+    max_logprob_gap: float | None = 0.05         # mean |sampler - trainer| log-prob
+    ngram: int = 4                               # n of the boilerplate / repetition checks
+
+    def __post_init__(self) -> None:
+        if self.ngram < 1:
+            raise ConfigError(f"grpo.diagnostics.ngram must be >= 1, got {self.ngram}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name != "ngram" and v is not None and v != v:
+                raise ConfigError(f"grpo.diagnostics.{f.name} must be a number or null, got {v}")
+
+
+@_frozen
+class GRPOConfig:
+    """Group-relative policy optimisation (``jaxkd.rl``): K samples a prompt, no value network.
+
+    Rollouts sample with ``temperature`` (top-k off, top-p 1 by default so the sampler's log-probs
+    are those of the policy being trained); ``mu`` optimizer updates reuse each rollout batch.
+    Loss: clipped surrogate with ``clip(r, 1 - eps_low, 1 + eps_high)`` (DAPO clip-higher when
+    eps_high > eps_low), optional GSPO sequence ratio, ``beta`` x k3 KL to the initial policy
+    (no reference forward when 0), aggregated as ``aggregation``.
+    """
+
+    num_generations: int = 4          # K completions per prompt (the group)
+    prompts_per_step: int = 2         # prompts per rollout batch (rows = prompts_per_step * K)
+    max_new_tokens: int = 128         # completion budget; also Dr. GRPO's constant normaliser
+    temperature: float = 1.0
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1.0: off
+    mu: int = 1                       # optimizer updates per rollout batch
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    beta: float = 0.0                 # k3 KL weight; 0: no reference model at all
+    ratio_level: RatioLevel = "token"  # "sequence": GSPO length-normalised sequence ratio
+    aggregation: LossAggregation = "token_mean"
+    adv_scaling: AdvantageScaling = "group"   # "none": Dr. GRPO (no std division)
+    adv_eps: float = 1e-4
+    dynamic_sampling: DynamicSampling = "off"  # drop / re-sample groups with equal rewards
+    max_resample_rounds: int = 2
+    mask_truncated: bool = False      # completions without EOS add nothing to the loss
+    overlong_buffer: int = 0          # DAPO soft length penalty over the last N tokens; 0: off
+    overlong_penalty: float = 1.0     # penalty at max_new_tokens (linear over the buffer)
+    recompute_logprobs: Literal["auto", "always"] = "auto"  # auto: only when sampler != trainer
+    w_tech: float = 0.6               # R = w_tech * R_tech + w_lang * R_lang
+    w_lang: float = 0.4
+    seed: int = 0
+    diagnostics: GRPODiagnosticsConfig = dataclasses.field(default_factory=GRPODiagnosticsConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations (K) must be >= 2 (advantages compare samples of "
+                              f"one prompt), got {self.num_generations}")
+        for name in ("prompts_per_step", "max_new_tokens", "mu"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"grpo.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ConfigError(f"grpo.temperature must be > 0 (GRPO needs sampled, not greedy, "
+                              f"completions), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"grpo.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"grpo.top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.eps_low < 1.0:
+            raise ConfigError(f"grpo.eps_low must be in (0, 1), got {self.eps_low}")
+        if not self.eps_high > 0.0:
+            raise ConfigError(f"grpo.eps_high must be > 0, got {self.eps_high}")
+        if self.beta < 0:
+            raise ConfigError(f"grpo.beta must be >= 0 (0 = no KL term), got {self.beta}")
+        if not self.adv_eps > 0:
+            raise ConfigError(f"grpo.adv_eps must be > 0, got {self.adv_eps}")
+        for name, tp in (("ratio_level", RatioLevel), ("aggregation", LossAggregation),
+                         ("adv_scaling", AdvantageScaling), ("dynamic_sampling", DynamicSampling),
+                         ("recompute_logprobs", Literal["auto", "always"])):
+            allowed = list(typing.get_args(tp))
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"grpo.{name}: {getattr(self, name)!r} is not allowed; "
+                                  f"allowed values: {allowed}")
+        if self.max_resample_rounds < 0:
+            raise ConfigError(f"grpo.max_resample_rounds must be >= 0, got {self.max_resample_rounds}")
+        if not 0 <= self.overlong_buffer < self.max_new_tokens:
+            raise ConfigError(f"grpo.overlong_buffer must be in [0, max_new_tokens={self.max_new_tokens}), "
+                              f"got {self.overlong_buffer}")
+        if self.overlong_penalty < 0:
+            raise ConfigError(f"grpo.overlong_penalty must be >= 0, got {self.overlong_penalty}")
+        if self.w_tech < 0 or self.w_lang < 0:
+            raise ConfigError(f"grpo.w_tech and grpo.w_lang must be >= 0, got {self.w_tech}, {self.w_lang}")
+        if self.w_tech == 0 and self.w_lang == 0:
+            raise ConfigError("grpo.w_tech and grpo.w_lang are both 0: the reward would be constant")
+
+    @property
+    def rows(self) -> int:
+        """Completions per rollout batch."""
+        return self.prompts_per_step * self.num_generations
+
+
 @_frozen
 class RunConfig:
     """One distillation run: ``stage=teacher`` fills the teacher cache, ``stage=kd`` trains."""
@@ -550,6 +672,7 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
 
     def __post_init__(self) -> None:
         if (self.distill.use_cache and self.distill.alpha < 1.0 and self.teacher.top_k == 0):
