@@ -54,7 +54,7 @@ def run_jax(args) -> dict:
 
     from jaxkd.distill.kd import kd_loss
     from jaxkd.train import state as st
-    from jaxkd.train.trainer import init_state, make_train_step
+    from jaxkd.train.trainer import make_train_step
 
     t0 = time.perf_counter()
     pt = load_pretrained(args.model)
@@ -64,7 +64,7 @@ def run_jax(args) -> dict:
                        trainable="no_embed")
     graphdef, params, frozen = st.split_model(pt.model, "no_embed")
     tx = st.make_optimizer(tcfg)
-    state = init_state(params, tx, 0)
+    state = st.init_state(params, tx, 0)
     step = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=DistillConfig(alpha=ALPHA),
                                              vocab=vocab), tx, clip_norm=tcfg.clip_norm)
     batch = make_batch(vocab, args.batch, args.seq, args.answer)

@@ -16,7 +16,7 @@ from jaxkd import ckpt
 from jaxkd import sharding as shd
 from jaxkd.config import ModelConfig
 from jaxkd.models.decoder import Decoder
-from jaxkd.train.trainer import init_state
+from jaxkd.train.state import init_state
 
 CFG = ModelConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
                   num_kv_heads=2, qkv_bias=True, tie_embeddings=False, eos_token_ids=(3,))

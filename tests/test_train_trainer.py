@@ -16,6 +16,7 @@ import pytest
 from jaxkd.data.loader import kd_batch, kd_dataset
 from jaxkd.distill.sampling import DomainSampler
 from jaxkd.train import hooks as H
+from jaxkd.train import state as ST
 from jaxkd.train import trainer as TR
 from jaxkd.train.metrics import MetricsLogger
 
@@ -41,7 +42,7 @@ def test_one_gradient_norm_clips_exactly_like_optax():
     params = _params()
     extra = {"bias": jnp.ones(3)}
     step = TR.make_train_step(loss_fn, tx, clip_norm=1.0)
-    state = TR.init_state(jax.tree.map(jnp.array, params), tx, seed=0)  # a copy: the step donates it
+    state = ST.init_state(jax.tree.map(jnp.array, params), tx, seed=0)  # a copy: the step donates it
     ref_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
     ref_p, ref_opt = params, ref_tx.init(params)
     batch = {"x": X, "y": Y}
@@ -63,7 +64,7 @@ def test_gradient_accumulation_equals_the_whole_batch():
     whole = TR.make_train_step(loss_fn, tx, clip_norm=0.0)
     accum = TR.make_train_step(loss_fn, tx, clip_norm=0.0, grad_accum=2)
     extra = {"bias": jnp.zeros(3)}
-    s1 = TR.init_state(_params(), tx, 0)
+    s1 = ST.init_state(_params(), tx, 0)
     s2 = jax.tree.map(jnp.array, s1)
     s1, m1 = whole(s1, {"x": X, "y": Y}, extra)
     s2, m2 = accum(s2, {"x": X.reshape(2, 4, 5), "y": Y.reshape(2, 4, 3)}, extra)  # equal rows per micro-batch
@@ -93,7 +94,7 @@ def test_loop_runs_hooks_on_schedule_and_calls_param_norm_only_when_logging(tmp_
              TR.Hook(lambda info: seen["after"].append(info.step), every=2),
              TR.Hook(lambda info: seen["end"].append(info.step), every=0, at_end=True),
              H.log_metrics(logger, every=3, lr=lambda s: 1e-4, param_norm=param_norm, history=rows)]
-    state = TR.run_loop(step, TR.init_state(_params(), tx, 0), source=source, extra={"bias": jnp.zeros(3)},
+    state = TR.run_loop(step, ST.init_state(_params(), tx, 0), source=source, extra={"bias": jnp.zeros(3)},
                         start=1, steps=8, hooks=hooks)
     logger.close()
     assert int(state["step"]) == 7
@@ -110,10 +111,10 @@ def test_iterator_source_and_non_finite_stop(tmp_path):
     step = TR.make_train_step(loss_fn, tx)
     batches = iter([{"x": X, "y": Y}, {"x": X, "y": Y * np.nan}, {"x": X, "y": Y}])
     with pytest.raises(TR.NonFiniteLoss, match=r"loss, grad_norm became nan at step 1 .*none saved yet"):
-        TR.run_loop(step, TR.init_state(_params(), tx, 0), source=batches, extra={"bias": jnp.zeros(3)},
+        TR.run_loop(step, ST.init_state(_params(), tx, 0), source=batches, extra={"bias": jnp.zeros(3)},
                     start=0, steps=3, hooks=[H.stop_on_non_finite(None)])
     with pytest.raises(TypeError, match="iterator or a callable"):
-        TR.run_loop(step, TR.init_state(_params(), tx, 0), source=[{"x": X}], extra={}, start=0, steps=1)
+        TR.run_loop(step, ST.init_state(_params(), tx, 0), source=[{"x": X}], extra={}, start=0, steps=1)
 
 
 @dataclasses.dataclass

@@ -32,7 +32,7 @@ from jaxkd.train import hooks as H
 from jaxkd.train import state as st
 from jaxkd.train.metrics import MetricsLogger, per_domain_table
 from jaxkd.train.run_meta import prepare_run_dir
-from jaxkd.train.trainer import Hook, init_state, make_mesh, make_param_norm, make_train_step, mesh_context, run_loop
+from jaxkd.train.trainer import Hook, make_mesh, make_param_norm, make_train_step, mesh_context, run_loop
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed)
     graphdef, params, frozen = st.split_model(model, tc.trainable)
     tx = st.make_optimizer(tc)
-    state = init_state(params, tx, tc.seed, mesh)
+    state = st.init_state(params, tx, tc.seed, mesh)
     log(f"trainable={tc.trainable}: {st.count(params):,} trainable / {st.count(frozen):,} frozen values")
     step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab), tx,
                               clip_norm=tc.clip_norm, grad_accum=tc.grad_accum, mesh=mesh)

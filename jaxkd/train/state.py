@@ -1,6 +1,6 @@
 """What of a model trains, and how: the trainable/frozen split, LoRA, the optimizer and schedule.
 
-The train state (``jaxkd.train.trainer.init_state``) holds only the trainable parameters (an
+The train state (``init_state``) holds only the trainable parameters (an
 ``nnx.State``); everything else of the model is ``frozen``, passed to the step as a non-donated
 input and never differentiated. Checkpoints (``jaxkd.ckpt``) store the train state, not the frozen
 weights, which come from the base model.
@@ -8,7 +8,7 @@ weights, which come from the base model.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +87,32 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     happen in the train step (``jaxkd.train.trainer``), which computes the gradient norm once.
     """
     return optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay)
+
+
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, mesh: Any = None) -> dict:
+    """``{"params", "opt_state", "step", "rng"}``; on a mesh, every leaf is placed explicitly
+    (optimizer moments like their parameter, scalars replicated)."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    if mesh is None:
+        return state
+    return jax.device_put(state, state_shardings(state, tx, mesh))
+
+
+def state_shardings(state: Mapping[str, Any], tx: optax.GradientTransformation, mesh: Any) -> dict:
+    """The layout of a train state on ``mesh``: params keep theirs (set by the model's logical
+    axes), optimizer moments follow their parameter, everything else is replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def own(x: Any) -> Any:
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
+
+    params_sh = jax.tree.map(own, state["params"])
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state["opt_state"], params_sh,
+                                   transform_non_params=lambda _: replicated)
+    rest = {k: jax.tree.map(lambda _: replicated, v) for k, v in state.items()
+            if k not in ("params", "opt_state")}
+    return {"params": params_sh, "opt_state": opt_sh, **rest}

@@ -3,8 +3,8 @@
 
     step(state, batch, extra) -> (state, metrics)
 
-state  ``{"params", "opt_state", "step", "rng"}`` (``init_state``): the trainable parameters and
-       everything the update changes. Donated: the step updates it in place.
+state  ``{"params", "opt_state", "step", "rng"}`` (``jaxkd.train.state.init_state``): the
+       trainable parameters and everything the update changes. Donated: updated in place.
 batch  host arrays (numpy). The step lays them out on the mesh itself: rows split over the
        (data, fsdp) axes. With ``grad_accum`` = A > 1 every array has a leading micro-batch axis
        ``[A, B, ...]`` and the step averages the A micro-batch gradients before one update.
@@ -25,7 +25,7 @@ checkpoints, eval, NaN stop, domain re-weighting; see ``jaxkd.train.hooks``).
 A recipe (KD: ``jaxkd.distill.kd``) is a function ``(cfg, resume, command) -> exit code`` in
 ``jaxkd.train.__main__.RECIPES``. It loads its models (``jaxkd.serving.load_model`` also takes a
 trained run as the starting point), splits trainable from frozen (``state.split_model``), builds
-``tx`` (``state.make_optimizer``), ``init_state`` and ``make_train_step``, writes its run directory
+``tx`` (``state.make_optimizer``), ``state.init_state`` and ``make_train_step``, writes its run directory
 (``run_meta.prepare_run_dir``), opens ``jaxkd.ckpt.RunCheckpointer``, and calls ``run_loop`` with
 its batch source and hooks; whatever else must resume exactly (a data iterator's or a rollout
 sampler's state) goes into each checkpoint as ``extras`` and comes back from ``restore``.
@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxkd.train.state import state_shardings
+
 Batch = Mapping[str, Any]
 LossFn = Callable[[Any, Mapping[str, jax.Array], Any, jax.Array], tuple[jax.Array, dict]]
 BatchSource = Iterator[Batch] | Callable[[int, dict], Batch]
@@ -51,40 +53,6 @@ BatchSource = Iterator[Batch] | Callable[[int, dict], Batch]
 
 class NonFiniteLoss(FloatingPointError):
     """The loss, gradient norm or parameter norm became NaN or inf."""
-
-
-# --------------------------------------------------------------------------------------------
-# State
-# --------------------------------------------------------------------------------------------
-
-
-def init_state(params: Any, tx: optax.GradientTransformation, seed: int, mesh: Any = None) -> dict:
-    """``{"params", "opt_state", "step", "rng"}``; on a mesh, every leaf is placed explicitly
-    (optimizer moments like their parameter, scalars replicated)."""
-    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-             "rng": jax.random.key_data(jax.random.key(seed))}
-    if mesh is None:
-        return state
-    return jax.device_put(state, state_shardings(state, tx, mesh))
-
-
-def state_shardings(state: Mapping[str, Any], tx: optax.GradientTransformation, mesh: Any) -> dict:
-    """The layout of a train state on ``mesh``: params keep theirs (set by the model's logical
-    axes), optimizer moments follow their parameter, everything else is replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def own(x: Any) -> Any:
-        s = getattr(x, "sharding", None)
-        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
-
-    params_sh = jax.tree.map(own, state["params"])
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state["opt_state"], params_sh,
-                                   transform_non_params=lambda _: replicated)
-    rest = {k: jax.tree.map(lambda _: replicated, v) for k, v in state.items()
-            if k not in ("params", "opt_state")}
-    return {"params": params_sh, "opt_state": opt_sh, **rest}
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,7 +101,7 @@ class TrainStep:
     """``step(state, batch, extra) -> (state, metrics)``, jitted once per input layout.
 
     Without a mesh it is a plain ``jax.jit`` with the state donated. With a mesh the jit gets
-    explicit in/out shardings: the state's own (see ``init_state``), batch rows over
+    explicit in/out shardings: the state's own (see ``state.init_state``), batch rows over
     (data, fsdp), ``extra`` as it lies; host batches are laid out before the call, and the call
     runs inside the mesh context so activation constraints resolve.
     """
@@ -293,5 +261,5 @@ def run_loop(step_fn: Callable[[dict, Batch, Any], tuple[dict, Any]], state: dic
     return state
 
 
-__all__ = ["Hook", "NonFiniteLoss", "StepInfo", "TrainStep", "clip_by_norm", "init_state", "make_mesh",
-           "make_param_norm", "make_train_step", "mesh_context", "run_loop", "state_shardings"]
+__all__ = ["Hook", "NonFiniteLoss", "StepInfo", "TrainStep", "clip_by_norm", "make_mesh", "make_param_norm",
+           "make_train_step", "mesh_context", "run_loop"]
