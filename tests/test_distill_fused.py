@@ -84,13 +84,18 @@ def test_matches_reference_with_gradients(data, kind, tau):
             lambda h, w: fused_kd_loss(h, w, y, m, teacher_topk=top, alpha=alpha, kind=kind,
                                        temperature=tau, beta=0.3, vocab_size=VOCAB,
                                        chunk_size=CHUNK, capacity=cap), h, w)
-        return ref, fus
+        # differentiating h alone (a frozen head) takes the other backward path
+        dh_frozen = jax.grad(lambda h: fused_kd_loss(
+            h, w, y, m, teacher_topk=top, alpha=alpha, kind=kind, temperature=tau, beta=0.3,
+            vocab_size=VOCAB, chunk_size=CHUNK, capacity=cap)[0])(h)
+        return ref, fus, dh_frozen
 
     for alpha in ALPHAS:
-        ((lr, mr), (dhr, dwr)), ((lf, mf), (dhf, dwf)) = both(h, w, alpha)
+        ((lr, mr), (dhr, dwr)), ((lf, mf), (dhf, dwf)), dh_frozen = both(h, w, alpha)
         np.testing.assert_allclose(float(lf), float(lr), rtol=LOSS_RTOL, err_msg=f"alpha {alpha}")
         assert_metrics_close(mf, mr)
         assert_grads_close(dhf, dhr, f"dL/dh alpha {alpha}")
+        assert_grads_close(dh_frozen, dhr, f"dL/dh (head frozen) alpha {alpha}")
         assert_grads_close(dwf, dwr, f"dL/dw alpha {alpha}")
         assert np.all(np.asarray(dwf)[VOCAB:] == 0), "rows past the real vocabulary got gradient"
         assert np.all(np.asarray(dhf)[np.asarray(m) == 0] == 0), "masked positions got gradient"

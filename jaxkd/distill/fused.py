@@ -15,8 +15,12 @@ with a top-k teacher cache (or none: pure CE), value and gradients, but:
    logits of chunk c is
        P_c = g1 * softmax(z_c) + (gt / tau) * softmax_tau(z_c) + scatter(g_sel at the selected ids)
    so ``dh += P_c @ w_c`` and ``dw[c] += P_c^T @ h``; the sparse (gathered-logit) cotangents are
-   folded into P_c, so no separate ``[V, D]`` scatter buffer is built. ``dw`` is skipped when
-   the head weight is not differentiated (frozen head / tied embedding under trainable=no_embed).
+   folded into P_c, so no separate ``[V, D]`` scatter buffer is built.
+   When the head weight is not differentiated (trainable=no_embed: lm_head / tied embedding
+   frozen), the forward pass instead also accumulates E1 = softmax(z) @ w and Et =
+   softmax(z / tau) @ w online (rescaled like the sums), so that
+       dL/dh = g1 * E1 + (gt / tau) * Et + sum_j g_sel_j * w[id_j]
+   and the backward makes no pass over the vocabulary: 2 chunk matmuls instead of 3 at tau = 1.
 
 Rows of w at or past ``vocab_size`` (checkpoint padding) never enter a normaliser and get zero
 gradient, exactly as ``align_vocab`` slicing does. The last chunk is shifted back so that it ends
@@ -82,37 +86,62 @@ def _chunk(h_nd: Array, w_vd: Array, i: Array, vocab: int, c: int) -> tuple[Arra
     return jnp.where(fresh_c[None, :], z_nc, -jnp.inf), start, w_cd
 
 
-def _stats_forward(h_nd, w_vd, ids_nj, temperature, vocab, chunk):
-    n = h_nd.shape[0]
+def _stats_forward(h_nd, w_vd, ids_nj, temperature, vocab, chunk, expect=False):
+    """The normalisers, gathered logits and argmax; with ``expect`` also the softmax-weighted
+    head rows E1 = sum_v softmax(z)_v w_v and Et (same at temperature), ``[N, D]`` each: then
+    dL/dh needs no second pass over the vocabulary (used when w is not differentiated)."""
+    n, d = h_nd.shape
     c, n_chunks = _chunking(vocab, chunk)
     inv_t = 1.0 / temperature
+    tempered = temperature != 1.0
 
     def body(i, carry):
-        m_n, s1_n, st_n, arg_n = carry
-        z_nc, start, _ = _chunk(h_nd, w_vd, i, vocab, c)
+        m_n, s1_n, st_n, arg_n, e1_nd, et_nd = carry
+        z_nc, start, w_cd = _chunk(h_nd, w_vd, i, vocab, c)
         cmax_n = z_nc.max(axis=1)
         new_m = jnp.maximum(m_n, cmax_n)
         shifted = z_nc - new_m[:, None]
-        s1_n = s1_n * jnp.exp(m_n - new_m) + jnp.exp(shifted).sum(axis=1)
-        if temperature != 1.0:
-            st_n = st_n * jnp.exp((m_n - new_m) * inv_t) + jnp.exp(shifted * inv_t).sum(axis=1)
+        decay1_n = jnp.exp(m_n - new_m)
+        p1_nc = jnp.exp(shifted)
+        s1_n = s1_n * decay1_n + p1_nc.sum(axis=1)
+        if tempered:
+            decayt_n = jnp.exp((m_n - new_m) * inv_t)
+            pt_nc = jnp.exp(shifted * inv_t)
+            st_n = st_n * decayt_n + pt_nc.sum(axis=1)
+        if expect:  # online softmax-weighted sums of w rows, rescaled like the normalisers
+            e1_nd = e1_nd * decay1_n[:, None] + jnp.einsum(
+                "nc,cd->nd", p1_nc.astype(h_nd.dtype), w_cd, preferred_element_type=jnp.float32)
+            if tempered:
+                et_nd = et_nd * decayt_n[:, None] + jnp.einsum(
+                    "nc,cd->nd", pt_nc.astype(h_nd.dtype), w_cd, preferred_element_type=jnp.float32)
         # strict `>`: ties keep the earlier (lower) id, as jnp.argmax over the full row does
         arg_n = jnp.where(cmax_n > m_n, start + jnp.argmax(z_nc, axis=1).astype(jnp.int32), arg_n)
-        return new_m, s1_n, st_n, arg_n
+        return new_m, s1_n, st_n, arg_n, e1_nd, et_nd
 
+    e_nd = jnp.zeros((n, d), jnp.float32) if expect else None
     init = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32),
-            jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32))
-    m_n, s1_n, st_n, arg_n = jax.lax.fori_loop(0, n_chunks, body, init)
+            jnp.zeros((n,), jnp.float32), jnp.zeros((n,), jnp.int32), e_nd,
+            e_nd if expect and tempered else None)
+    m_n, s1_n, st_n, arg_n, e1_nd, et_nd = jax.lax.fori_loop(0, n_chunks, body, init)
     lse1_n = m_n + jnp.log(s1_n)
-    lset_n = lse1_n if temperature == 1.0 else m_n * inv_t + jnp.log(st_n)
+    lset_n = m_n * inv_t + jnp.log(st_n) if tempered else lse1_n
 
     ok_nj = (ids_nj >= 0) & (ids_nj < vocab)
-    w_njd = jnp.take(w_vd, jnp.clip(ids_nj, 0, vocab - 1), axis=0).astype(h_nd.dtype)
+    w_njd = _rows(w_vd, ids_nj, vocab, h_nd.dtype)
     sel_nj = jnp.einsum("nd,njd->nj", h_nd, w_njd, preferred_element_type=jnp.float32)
     # an id outside the real vocabulary is a corrupt batch: NaN, like take_along_axis on the
     # sliced logits in the reference, so the loop's finiteness check stops the run
     sel_nj = jnp.where(ok_nj, sel_nj, jnp.nan)
-    return lse1_n, lset_n, sel_nj, arg_n
+    out = (lse1_n, lset_n, sel_nj, arg_n)
+    if not expect:
+        return out
+    e1_nd = e1_nd / s1_n[:, None]
+    et_nd = et_nd / st_n[:, None] if tempered else e1_nd
+    return out, (e1_nd, et_nd)
+
+
+def _rows(w_vd, ids_nj, vocab, dtype):
+    return jnp.take(w_vd, jnp.clip(ids_nj, 0, vocab - 1), axis=0).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -123,10 +152,14 @@ def _head_stats(h_nd: Array, w_vd: Array, ids_nj: Array, temperature: float, voc
 
 
 def _head_stats_fwd(h_nd, w_vd, ids_nj, temperature, vocab, chunk):
-    out = _stats_forward(h_nd.value, w_vd.value, ids_nj.value, temperature, vocab, chunk)
-    # the pytree structure (None vs ()) carries the static "is w differentiated" into bwd
-    res = (h_nd.value, w_vd.value, ids_nj.value, out[0], out[1], () if w_vd.perturbed else None)
-    return out, res
+    h, w, ids = h_nd.value, w_vd.value, ids_nj.value
+    if not w_vd.perturbed:
+        # frozen head: carry the softmax-weighted rows through the forward pass (one extra
+        # matmul per chunk) instead of recomputing every chunk's logits in the backward (two)
+        out, expected = _stats_forward(h, w, ids, temperature, vocab, chunk, expect=True)
+        return out, (h, w, ids, expected, None)
+    out = _stats_forward(h, w, ids, temperature, vocab, chunk)
+    return out, (h, w, ids, None, (out[0], out[1]))
 
 
 def _zero_if_symbolic(g: Any, shape: tuple[int, ...]) -> Array:
@@ -134,7 +167,8 @@ def _zero_if_symbolic(g: Any, shape: tuple[int, ...]) -> Array:
 
 
 def _head_stats_bwd(temperature, vocab, chunk, res, cts):
-    h_nd, w_vd, ids_nj, lse1_n, lset_n, want_dw = res
+    # which of the two residual slots is filled (static pytree structure) picks the path
+    h_nd, w_vd, ids_nj, expected, normalisers = res
     n, d = h_nd.shape
     c, n_chunks = _chunking(vocab, chunk)
     inv_t = 1.0 / temperature
@@ -145,6 +179,14 @@ def _head_stats_bwd(temperature, vocab, chunk, res, cts):
     gsel_nj = jnp.where((ids_nj >= 0) & (ids_nj < vocab), gsel_nj, 0.0)
     if temperature == 1.0:  # one softmax serves both normalisers
         g1_n, gt_n = g1_n + gt_n, None
+    if expected is not None:  # w frozen: dL/dh = g1 E1 + gt/tau Et + sum_j gsel_j w[ids_j]
+        e1_nd, et_nd = expected
+        dh_nd = g1_n[:, None] * e1_nd + jnp.einsum(
+            "nj,njd->nd", gsel_nj, _rows(w_vd, ids_nj, vocab, jnp.float32))
+        if gt_n is not None:
+            dh_nd = dh_nd + (gt_n * inv_t)[:, None] * et_nd
+        return dh_nd.astype(h_nd.dtype), None, None
+    lse1_n, lset_n = normalisers
     rows_nj = jnp.broadcast_to(jnp.arange(n)[:, None], ids_nj.shape)
 
     def body(i, carry):
@@ -160,17 +202,14 @@ def _head_stats_bwd(temperature, vocab, chunk, res, cts):
         p_nc = p_nc.at[rows_nj, jnp.where(mine, local_nj, c)].add(gsel_nj, mode="drop")
         p_nc = p_nc.astype(h_nd.dtype)
         dh_nd = dh_nd + jnp.einsum("nc,cd->nd", p_nc, w_cd, preferred_element_type=jnp.float32)
-        if dw_vd is not None:
-            dw_cd = jnp.einsum("nc,nd->cd", p_nc, h_nd, preferred_element_type=jnp.float32)
-            old = jax.lax.dynamic_slice_in_dim(dw_vd, start, c, axis=0)
-            dw_vd = jax.lax.dynamic_update_slice_in_dim(dw_vd, old + dw_cd, start, axis=0)
+        dw_cd = jnp.einsum("nc,nd->cd", p_nc, h_nd, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(dw_vd, start, c, axis=0)
+        dw_vd = jax.lax.dynamic_update_slice_in_dim(dw_vd, old + dw_cd, start, axis=0)
         return dh_nd, dw_vd
 
-    init = (jnp.zeros((n, d), jnp.float32),
-            None if want_dw is None else jnp.zeros(w_vd.shape, jnp.float32))
+    init = (jnp.zeros((n, d), jnp.float32), jnp.zeros(w_vd.shape, jnp.float32))
     dh_nd, dw_vd = jax.lax.fori_loop(0, n_chunks, body, init)
-    dw = None if dw_vd is None else dw_vd.astype(w_vd.dtype)
-    return dh_nd.astype(h_nd.dtype), dw, None
+    return dh_nd.astype(h_nd.dtype), dw_vd.astype(w_vd.dtype), None
 
 
 _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd, symbolic_zeros=True)
