@@ -201,10 +201,11 @@ def test_capacity_too_small_raises(data):
     count = int((m > 0).sum())
     with pytest.raises(ValueError, match=f"{count} loss positions exceed capacity={count - 1}"):
         fused_kd_loss(h, w, y, m, alpha=1.0, vocab_size=VOCAB, capacity=count - 1)
-    # inside jit the mask is traced: the error comes from the compiled step when it runs
-    step = jax.jit(lambda h, m: fused_kd_loss(h, w, y, m, alpha=1.0, vocab_size=VOCAB,
-                                              capacity=count - 1)[0])
-    with pytest.raises(Exception, match=f"{count} loss positions exceed capacity={count - 1}"):
+    # inside a jitted gradient step the mask is traced: the error comes from the compiled step
+    step = jax.jit(jax.value_and_grad(lambda h, m: fused_kd_loss(
+        h, w, y, m, alpha=1.0, vocab_size=VOCAB, capacity=count - 1)[0]))
+    with pytest.raises(jax.errors.JaxRuntimeError,
+                       match=f"{count} loss positions exceed capacity={count - 1}"):
         jax.block_until_ready(step(h, m))
     # exactly enough capacity is fine, and any capacity gives the same value
     exact = jax.jit(lambda h, m: fused_kd_loss(h, w, y, m, alpha=1.0, vocab_size=VOCAB,

@@ -4,8 +4,8 @@
 with a top-k teacher cache (or none: pure CE), value and gradients, but:
 
 1. Only the loss positions reach the head: the masked positions are compacted into a
-   fixed-capacity buffer ``h_nd`` (N static; padding rows carry no weight). About half of a KD
-   batch is prompt or padding, so this halves the head's matmuls.
+   fixed-capacity buffer ``h_nd`` (N static; padding rows carry no weight). Prompt and padding
+   are ~45% of a KD batch: the head's matmuls shrink by as much.
 2. Every loss term needs the logits only through a few numbers per position: the target logit
    and the k teacher-token logits (rows of w gathered and dotted with h: ``N * (k+1) * D`` work)
    and two normalisers, logsumexp(z) for CE and logsumexp(z / tau) for the KD term. Both
