@@ -10,7 +10,7 @@ B 2 x T 288, ~55% loss positions as an answer tail per row, top-16 teacher cache
 Phases (each rewrites its own section of evals/results/bench_kd_loss.json and the .md):
   timing : fused and unfused in ONE process, repetitions interleaved (u, f, u, f, ...) after a
            warm-up each, so both see the same machine load; wall and process CPU seconds.
-  sweep  : the fused loss at several vocabulary chunk sizes (frozen case).
+  sweep  : the fused loss alone at several vocabulary chunk sizes.
   memory : each (impl, case) in its own subprocess: compiled memory_analysis and peak RSS
            (plus a baseline child that only builds the inputs).
 ``--real-head MODEL`` takes h from the model's forward pass on the batch's tokens and w from its
@@ -105,6 +105,10 @@ def timed(step, h, w) -> tuple[float, float, object]:
     return time.perf_counter() - w0, time.process_time() - c0, out
 
 
+def now_and_load() -> dict:
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg()[0]}
+
+
 def stats(xs) -> dict:
     return {"min": float(np.min(xs)), "median": float(np.median(xs)), "all": [float(x) for x in xs]}
 
@@ -117,6 +121,7 @@ def phase_timing(args, x) -> dict:
     out = {}
     for case in args.cases:
         steps, rec = {}, {}
+        started = now_and_load()
         for impl, fn in fns.items():
             steps[impl], compile_s = compiled_step(fn, case, h, w)
             first = timed(steps[impl], h, w)  # warm-up
@@ -136,7 +141,8 @@ def phase_timing(args, x) -> dict:
         res["ratio_median_cpu"] = res["fused"]["cpu_s"]["median"] / res["unfused"]["cpu_s"]["median"]
         res["loss"] = {"unfused": float(lu), "fused": float(lf), "rel_diff": abs(float(lf - lu)) / abs(float(lu))}
         res["grad_max_rel_err"] = grad_err  # max |g_f - g_u| / max |g_u|, per differentiated input
-        out[case] = res
+        key = case if args.tau == 1.0 else f"{case}, tau {args.tau:g}"
+        out[key] = {**res, **started, "tau": args.tau, "chunk": args.chunk}
         print(case, json.dumps(res), flush=True)
     return {"capacity": cap, "chunk": args.chunk, "tau": args.tau, "reps": args.reps, "cases": out}
 
@@ -146,14 +152,15 @@ def phase_sweep(args, x) -> dict:
 
     h, w = jnp.asarray(x["h"]), jnp.asarray(x["w"])
     out = {}
-    for chunk in args.sweep:
-        step, compile_s = compiled_step(loss_fns(x, args.tau, chunk)[0]["fused"], "frozen", h, w)
+    for case, chunk in [(c, k) for c in args.cases for k in args.sweep]:
+        started = now_and_load()
+        step, compile_s = compiled_step(loss_fns(x, args.tau, chunk)[0]["fused"], case, h, w)
         timed(step, h, w)
         walls, cpus = zip(*[timed(step, h, w)[:2] for _ in range(args.reps)])
         temp = step.memory_analysis().temp_size_in_bytes
-        out[str(chunk)] = {"wall_s": stats(walls), "cpu_s": stats(cpus), "temp_mb": temp / 1e6,
-                           "compile_s": compile_s}
-        print("chunk", chunk, json.dumps(out[str(chunk)]), flush=True)
+        out[f"{case}:{chunk}:{args.tau:g}"] = {"case": case if args.tau == 1.0 else f"{case}, tau {args.tau:g}", "chunk": chunk, "wall_s": stats(walls), "cpu_s": stats(cpus),
+                                  "temp_mb": temp / 1e6, "compile_s": compile_s, **started}
+        print("chunk", case, chunk, json.dumps(out[f"{case}:{chunk}:{args.tau:g}"]), flush=True)
     return {"tau": args.tau, "reps": args.reps, "chunks": out}
 
 
@@ -200,33 +207,34 @@ def render(data: dict) -> str:
              f"w [{V}, {D}] (real vocabulary {VOCAB}), batch {meta['batch']} x {meta['seq']}, "
              f"{meta['loss_positions']} loss positions ({meta['loss_fraction']:.0%}), inputs: "
              f"{meta['inputs']}. Machine: {meta['machine']}. This machine is SHARED with other "
-             f"jobs (load average {meta.get('load', '?')} when the last phase started), so wall "
+             "jobs (the 1-minute load average when each measurement started is listed), so wall "
              "times are inflated and noisy; the timing phase interleaves the two implementations "
              "in one process so both see the same load, and process CPU seconds are given too.", ""]
     if "timing" in data:
         t = data["timing"]
         lines += [f"## Timing ({t['reps']} interleaved reps after a warm-up; chunk {t['chunk']}, "
-                  f"capacity {t['capacity']}, tau {t['tau']}; {t['date']})", "",
+                  f"capacity {t['capacity']})", "",
                   "| case | impl | wall s min | wall s median | CPU s median | compile s | "
-                  "fused/unfused wall (median) | (min) | CPU (median) |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "fused/unfused wall (median) | (min) | CPU (median) | load avg at start |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for case, r in t["cases"].items():
             for impl in ("unfused", "fused"):
                 ratio = (f"{r['ratio_median_wall']:.3f} | {r['ratio_min_wall']:.3f} | {r['ratio_median_cpu']:.3f}"
                          if impl == "fused" else " | | ")
                 lines.append(f"| {case} | {impl} | {r[impl]['wall_s']['min']:.2f} | "
                              f"{r[impl]['wall_s']['median']:.2f} | {r[impl]['cpu_s']['median']:.2f} | "
-                             f"{r[impl]['compile_s']:.1f} | {ratio} |")
+                             f"{r[impl]['compile_s']:.1f} | {ratio} | {r['load']:.1f} |")
         lines += [""] + [f"- {case}: loss rel diff {r['loss']['rel_diff']:.1e}, gradient max rel err "
                          + ", ".join(f"{e:.1e}" for e in r["grad_max_rel_err"]) for case, r in t["cases"].items()]
         lines.append("")
     if "sweep" in data:
         s = data["sweep"]
-        lines += [f"## Chunk size (fused, frozen head, {s['reps']} reps; {s['date']})", "",
-                  "| chunk | wall s min | wall s median | CPU s median | temp MB |", "|---|---|---|---|---|"]
-        for c, r in s["chunks"].items():
-            lines.append(f"| {c} | {r['wall_s']['min']:.2f} | {r['wall_s']['median']:.2f} | "
-                         f"{r['cpu_s']['median']:.2f} | {r['temp_mb']:.0f} |")
+        lines += [f"## Chunk size (fused only, {s['reps']} reps after a warm-up each)", "",
+                  "| case | chunk | wall s min | wall s median | CPU s median | temp MB | load avg at start |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sorted(s["chunks"].values(), key=lambda r: (r["case"], r["chunk"], r["date"])):
+            lines.append(f"| {r['case']} | {r['chunk']} | {r['wall_s']['min']:.2f} | {r['wall_s']['median']:.2f} | "
+                         f"{r['cpu_s']['median']:.2f} | {r['temp_mb']:.0f} | {r['load']:.1f} |")
         lines.append("")
     if "memory" in data:
         mem = data["memory"]
@@ -247,7 +255,7 @@ def main() -> int:
     p.add_argument("--seq", type=int, default=288)
     p.add_argument("--answer", type=int, default=158, help="loss positions per row (158/288 = 55%%)")
     p.add_argument("--tau", type=float, default=1.0)
-    p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--cases", default="frozen,trained")
     p.add_argument("--sweep", default="2048,4096,8192,16384,32768")
@@ -264,20 +272,23 @@ def main() -> int:
     path = out.with_suffix(".json")
     data = json.loads(path.read_text()) if path.exists() else {}
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    cmd = f"flock /tmp/jaxkd-bigmem.lock python -m evals.bench_kd_loss {' '.join(sys.argv[1:])}"
+    cmd = f"python -m evals.bench_kd_loss {' '.join(sys.argv[1:])}"
     meta = data.get("meta", {"commands": []})
     meta.update({"batch": args.batch, "seq": args.seq, "loss_positions": args.batch * args.answer,
                  "loss_fraction": args.answer / args.seq,
                  "inputs": f"real h and w from {args.real_head}" if args.real_head else "random (seeded)",
                  "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                            f"{os.cpu_count()} cores", "load": f"{os.getloadavg()[0]:.1f}"})
-    meta["commands"] = [c for c in meta["commands"] if f"--phase {args.phase}" not in c] + [cmd]
+                            f"{os.cpu_count()} cores"})
+    meta["commands"] = [c for c in meta["commands"] if c != cmd] + [cmd]
     data["meta"] = meta
     phases = ["timing", "sweep", "memory"] if args.phase == "all" else [args.phase]
     x = inputs(args) if set(phases) & {"timing", "sweep"} else None
     for ph in phases:
         res = {"timing": lambda: phase_timing(args, x), "sweep": lambda: phase_sweep(args, x),
                "memory": lambda: {"runs": phase_memory(args)}}[ph]()
+        # a phase run for some cases / chunk sizes updates those and keeps the others
+        inner = {"timing": "cases", "sweep": "chunks", "memory": "runs"}[ph]
+        res[inner] = {**data.get(ph, {}).get(inner, {}), **res[inner]}
         data[ph] = {**res, "date": date}
         out.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=1))

@@ -216,7 +216,7 @@ _head_stats.defvjp(_head_stats_fwd, _head_stats_bwd, symbolic_zeros=True)
 
 
 def head_stats(h_nd: Array, w_vd: Array, ids_nj: Array, *, temperature: float = 1.0,
-               vocab_size: int | None = None, chunk_size: int = 8192
+               vocab_size: int | None = None, chunk_size: int = 2048
                ) -> tuple[Array, Array, Array, Array]:
     """Per row of ``h_nd``: ``(logsumexp(z), logsumexp(z / temperature), z[ids_nj], argmax(z))``
     with ``z = h_nd @ w_vd[:vocab_size].T``, never materialising z; differentiable in h and w."""
@@ -239,7 +239,7 @@ def _check_capacity(count: Array, capacity: int) -> None:
 def fused_kd_loss(h_btd: Array, w_vd: Array, targets_bt: Array, mask_bt: Array, *,
                   teacher_topk: TopK | None = None, alpha: float = 0.5,
                   kind: Divergence | str = Divergence.FORWARD_KL, temperature: float = 1.0,
-                  beta: float = 0.5, vocab_size: int | None = None, chunk_size: int = 8192,
+                  beta: float = 0.5, vocab_size: int | None = None, chunk_size: int = 2048,
                   capacity: int | None = None) -> tuple[Array, dict]:
     """``kd_objective(align_vocab(h_btd @ w_vd.T, vocab_size), targets_bt, mask_bt,
     teacher_topk=..., alpha=..., kind=..., temperature=..., beta=...)`` without the logits.
@@ -249,6 +249,9 @@ def fused_kd_loss(h_btd: Array, w_vd: Array, targets_bt: Array, mask_bt: Array, 
     number of loss positions the head sees (``loss_capacity(mask)``; None = B * T). More loss
     positions than ``capacity`` is an error (raised at once for a concrete mask, from inside the
     compiled step otherwise; the loss is also NaN then). Same metrics as ``kd_objective``.
+    chunk_size: vocabulary rows per pass step; on the 2-core CPU 512..8192 measured the same
+    within noise and 16384+ slower (evals/results/bench_kd_loss.md); 2048 keeps the per-chunk
+    [N, chunk] buffers small.
     """
     kind = Divergence.parse(kind)
     h_btd, w_vd, targets_bt, mask_bt = map(jnp.asarray, (h_btd, w_vd, targets_bt, mask_bt))
