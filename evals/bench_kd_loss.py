@@ -105,6 +105,15 @@ def timed(step, h, w) -> tuple[float, float, object]:
     return time.perf_counter() - w0, time.process_time() - c0, out
 
 
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
+
+
 def now_and_load() -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load": os.getloadavg()[0]}
 
@@ -238,11 +247,15 @@ def render(data: dict) -> str:
         lines.append("")
     if "memory" in data:
         mem = data["memory"]
-        lines += [f"## Memory (one subprocess each; {mem['date']})", "",
-                  "| run | XLA temp MB | arguments MB | outputs MB | peak RSS GB |", "|---|---|---|---|---|"]
+        base = mem["runs"]["baseline"]["peak_rss_gb"]
+        lines += [f"## Memory (one subprocess each, compile + 2 steps; {mem['date']})", "",
+                  "XLA temp = the compiled step's scratch buffers (`memory_analysis()`); the baseline "
+                  "child only builds the inputs (h, w, batch), so RSS above it is the step's own.", "",
+                  "| run | XLA temp MB | arguments MB | outputs MB | peak RSS GB | above baseline GB |",
+                  "|---|---|---|---|---|---|"]
         for name, r in mem["runs"].items():
             lines.append(f"| {name} | {r.get('temp_mb', 0):.0f} | {r.get('argument_mb', 0):.0f} | "
-                         f"{r.get('output_mb', 0):.0f} | {r['peak_rss_gb']:.2f} |")
+                         f"{r.get('output_mb', 0):.0f} | {r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] - base:.2f} |")
         lines.append("")
     lines += [f"Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])]
     return "\n".join(lines) + "\n"
@@ -277,8 +290,7 @@ def main() -> int:
     meta.update({"batch": args.batch, "seq": args.seq, "loss_positions": args.batch * args.answer,
                  "loss_fraction": args.answer / args.seq,
                  "inputs": f"real h and w from {args.real_head}" if args.real_head else "random (seeded)",
-                 "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                            f"{os.cpu_count()} cores"})
+                 "machine": machine()})
     meta["commands"] = [c for c in meta["commands"] if c != cmd] + [cmd]
     data["meta"] = meta
     phases = ["timing", "sweep", "memory"] if args.phase == "all" else [args.phase]
