@@ -280,8 +280,12 @@ def fused_kd_loss(h_btd: Array, w_vd: Array, targets_bt: Array, mask_bt: Array, 
 
     live = (mask_bt > 0).reshape(-1)
     count = live.sum()
-    if not isinstance(count, jax.core.Tracer):
-        _check_capacity(count, n)
+    try:
+        concrete = int(count)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        concrete = None
+    if concrete is not None:
+        _check_capacity(concrete, n)
     elif n < b * t:
         # a traced mask: the error surfaces (JaxRuntimeError naming it) when the step's result
         # is read; the NaN below is a second stop for runtimes that drop host callbacks
