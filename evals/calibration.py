@@ -104,16 +104,20 @@ def run_calibration(judge: Any | None, *, per_category: int = 0, categories: Seq
         flat_answers += [win, lose]
     rules = [rule_scores(it, a) for it, a in zip(flat_items, flat_answers)]
     rule_arr = {k: np.asarray([r[k] for r in rules], np.float64) for k in (*RULES, *LOWER_IS_BETTER)}
+    judged = None
+    if judge is not None:
+        t0 = time.perf_counter()
+        v = judge.score(flat_items, flat_answers, tuple(Criterion), label="calibration")
+        judged = (v, time.perf_counter() - t0)
+    # read the file only now: another judge's run may have written it while this one scored
     path = Path(results_dir) / "judge_calibration.json"
     data = json.loads(path.read_text()) if path.exists() else {"judges": {}}
     data["pairs_file"] = str(pairs_path.relative_to(Path(__file__).resolve().parents[1])) if pairs_path.is_relative_to(
         Path(__file__).resolve().parents[1]) else str(pairs_path)
     data["rules"] = {"n_pairs": len(pairs), "agreement": _per_category(pairs, rule_arr, (*RULES, *LOWER_IS_BETTER),
                                                                          LOWER_IS_BETTER)}
-    if judge is not None:
-        t0 = time.perf_counter()
-        v = judge.score(flat_items, flat_answers, tuple(Criterion), label="calibration")
-        wall = time.perf_counter() - t0
+    if judged is not None:
+        v, wall = judged
         judge_arr = {c.value: np.asarray(v[c].score, np.float64) for c in v}
         mass = {c.value: float(np.mean(v[c].mass)) for c in v}
         llm = getattr(judge, "_judge", None)

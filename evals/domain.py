@@ -257,8 +257,11 @@ def write_report(results_dir: Path = RESULTS, tags: Sequence[str] | None = None)
              "spelling), unsafe = share of answers with un-negated unsafe advice; rougeL = ROUGE-L F1 "
              "to the reference tag's answers. judge = LLM judge technical accuracy / 10, judge_acc = "
              "share with an expected technical score >= 6/10, judge_completeness / judge_utility / 10, "
-             "judge_language / 5 (`python -m evals.judge`; expectations over the judge's score-token "
-             "distribution" + (f"; judge: {', '.join(judges)}" if judges else "") + "). A keyword dump, "
+             "judge_language / 5 (`python -m evals.judge`: expectations over the judge's score-token "
+             "distribution" + (f"; judge: {', '.join(judges)}" if judges else "") + ")."
+             + (" Judge columns marked rubric v0 come from the earlier greedy judge (first integer of a "
+                "greedy reply, key terms shown to the judge) and have not been re-judged." if any(
+                    "v0" in j for j in judges) else "") + " A keyword dump, "
              "a copy of the question and an empty answer score 0 on the rule scores "
              "(evals/results/adversarial_scorers.md).", "",
              "| model | n | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]

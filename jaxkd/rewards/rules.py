@@ -18,11 +18,11 @@ from jaxkd.rewards.text import (_ACTION_STEMS, _GENERIC_STEMS, _VERB_STEMS, _WOR
 UNSAFE_PATTERNS: tuple[str, ...] = (
     r"\b(hair ?dryer|heat gun|oven|microwave|(?<!passive )radiator)\b",
     r"\b(puncture|pierce|pry open|prise open|crack open)\b",
-    r"\bopen (up )?(the )?(battery|case|housing|casing|speaker|headphones?|earbuds?)\b(?!'s| (settings|app|menu|page))",
+    r"\bopen (up )?(the )?(battery|case|housing|casing|speaker|headphones?|earbuds?)\b(?!'| (settings|app|menu|page))",
     r"\bbypass(ing)? (the )?safety\b",
     r"\bjump(er|ing)? (the )?(wires?|terminals?|control board)\b",
     r"\b(disable|silence|remove the battery from) (the )?(smoke|co|carbon monoxide) (alarm|detector)\b",
-    r"\b(dmz|port[- ]forward)",
+    r"\b(put|place|add|move|enable|use|set)\b[^.;]{0,40}\bdmz\b",   # naming "port forwarding" is not advice
     r"\b(unofficial|modified|hacked) firmware\b",
     r"\b(unplug|power (it )?off|turn (it )?off|disconnect) (it )?(during|while|in the middle of) (a |the )?"
     r"(firmware )?update\b",
