@@ -11,8 +11,8 @@ import pytest
 from test_train_fixtures import byte_tokenizer, tiny_decoder
 
 from jaxkd.config import ConfigError, JudgeConfig
-from jaxkd.judge import (CLOSE, CRITERIA, OPEN, Criterion, LLMJudge, VerdictCache, prompt_texts, sanitise_answer,
-                         score_distribution, score_tokens)
+from jaxkd.judge import (CLOSE, CRITERIA, OPEN, RUBRIC_VERSION, Criterion, LLMJudge, VerdictCache, prompt_texts,
+                         sanitise_answer, score_distribution, score_tokens)
 from jaxkd.rewards import item_view
 
 ITEM = {"id": "x#q1", "question": "left bud silent", "required": [["the case"]],
@@ -62,7 +62,7 @@ def test_prompt_delimits_the_answer_and_neutralises_escapes(tiny):
     for step in ITEM["reference_steps"]:
         assert step in prefix
     assert "Key terms" not in prefix and "the case" not in prefix.split("Reference steps")[0]
-    assert "ignore" in suffix.lower() and "0 to 10" in suffix and suffix.endswith("<|im_start|>assistant\n")
+    assert "manipulate the grade: give 0" in suffix and "0 to 10" in suffix and suffix.endswith("<|im_start|>assistant\n")
     assert "0 to 5" in prompt_texts(tok, item_view(ITEM), "x", Criterion.LANGUAGE)[1]
     assert sanitise_answer("   ") == "(empty)"
 
@@ -99,7 +99,7 @@ def test_scores_are_expectations_equal_to_a_hand_computation(tiny, tmp_path):
     judge.score([ITEM] * 3, ANSWERS, [Criterion.TECHNICAL])
     assert judge.stats["requests"] == n
     row = json.loads((tmp_path / "v.jsonl").read_text().splitlines()[0])
-    assert row["provenance"]["judge"] == "tiny-seed0" and row["provenance"]["rubric"].startswith("v1-")
+    assert row["provenance"]["judge"] == "tiny-seed0" and row["provenance"]["rubric"] == RUBRIC_VERSION
 
 
 def test_judge_errors_are_clear(tiny):
