@@ -164,9 +164,9 @@ def write_report(results_dir: Path = RESULTS) -> Path:
               + " |", "|---|---|" + "---|" * len(crit)]
         for cat, row in j["agreement"].items():
             head = PRIMARY_JUDGE[cat][0]
-            L.append(f"| {cat} | {head} {row[head]['agree']:.2f} | "
+            L.append(f"| {cat} | {head} {row[head]['agree']:.2f} (margin {row[head]['mean_margin']:+.2f}) | "
                      + " | ".join(_cell(row.get(c), cat == "plain_vs_injected") for c in crit) + " |")
-        L.append("")
+        L += ["", "margin: mean score of the labelled winner minus the loser, in points of the criterion's scale.", ""]
     r = data["rules"]
     names = [*RULES, *LOWER_IS_BETTER]
     L += [f"## Deterministic scorers (`jaxkd.rewards`, {r['n_pairs']} pairs)", "",
@@ -174,7 +174,7 @@ def write_report(results_dir: Path = RESULTS) -> Path:
           "| category | headline | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for cat, row in r["agreement"].items():
         head = PRIMARY_RULE[cat][0]
-        L.append(f"| {cat} | {head} {row[head]['agree']:.2f} | "
+        L.append(f"| {cat} | {head} {row[head]['agree']:.2f} (margin {row[head]['mean_margin']:+.2f}) | "
                  + " | ".join(_cell(row.get(n), cat == "plain_vs_injected") for n in names) + " |")
     L += ["", "Rebuild this file without models: `python -m evals.calibration`."]
     out = Path(results_dir) / "judge_calibration.md"

@@ -126,7 +126,7 @@ def test_calibration_pairs_and_report(tmp_path):
     assert agree["plain_vs_injected"]["technical"]["not_raised"] == 1.0
     assert data["rules"]["agreement"]["complete_vs_missing_step"]["steps"]["agree"] == 1.0
     text = out.read_text()
-    assert "## Judge `oracle`" in text and "| complete_vs_missing_step | completeness 1.00 |" in text
+    assert "## Judge `oracle`" in text and "| complete_vs_missing_step | completeness 1.00 (margin +5.00) |" in text
 
 
 def test_grounding_ablation_report(tmp_path):
