@@ -46,7 +46,8 @@ def adversaries(items: Sequence[Mapping[str, Any]]) -> dict[str, Callable[[Mappi
         "empty": lambda it: "",
         "own_keywords": lambda it: ", ".join(p for g in it["required"] for p in g),
         "own_keyword_bullets": lambda it: "\n".join(f"- {p}" for g in it["required"] for p in g),
-        "stuffed_sentence": lambda it: "You should check the " + ", the ".join(p for g in it["required"] for p in g) + ".",
+        "stuffed_sentence": lambda it: ("You should check the "
+                                        + ", the ".join(p for g in it["required"] for p in g) + "."),
     }
 
 
@@ -74,7 +75,8 @@ def run(results_dir: Path = RESULTS, tags: Sequence[str] | None = None) -> Path:
          "`python -m evals.adversarial` from the committed generations (no model). Adversaries: "
          "keyword_dump = the 30 most frequent required-keyword synonyms of these items; common_words = "
          "the 100 most frequent content words of their reference steps; question_copy; empty; "
-         "own_keywords / own_keyword_bullets = the item's own synonyms as a comma / bulleted list; stuffed_sentence = the item's own synonyms "
+         "own_keywords / own_keyword_bullets = the item's own synonyms as a comma / bulleted list; "
+         "stuffed_sentence = the item's own synonyms "
          "inside one sentence (\"You should check the X, the Y, ...\").", "",
          "| answers | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
     for k in rows:
