@@ -177,7 +177,7 @@ def write(students: Sequence[str] = ("student_base", "student_kd", "student_kd_g
         for k in ("reference", "mismatched"):
             s = sanity[k]
             L.append(f"| {k} | {_fmt(s['judge']['mean'], *s['judge']['ci95'])} | "
-                     f"{_fmt(s['judge_acc']['mean'], *s['judge_acc']['ci95'])} | {s['judge_unparsed']} |")
+                     f"{_fmt(s['judge_acc']['mean'], *s['judge_acc']['ci95'])} | {s.get('judge_unparsed', '-')} |")
         g = sanity["gap"]
         L.append(f"| paired gap reference - mismatched | {_fmt(g['mean'], *g['ci95'], True)} | | |")
 

@@ -1,29 +1,29 @@
-"""LLM-as-judge: technical correctness 0-10 of an answer against the record's reference.
+"""LLM-as-judge over evaluation results: rubric scores from ``jaxkd.judge``, cached, per tag.
 
-    python -m evals.judge --tags student_base student_kd student_kd_grounded --limit 32
-    python -m evals.judge --sanity --limit 16        # reference vs mismatched answers
+    python -m evals.judge --tags student_base student_kd --limit 32     # scores into kd_domain_<tag>.json
+    python -m evals.judge --sanity --limit 16                            # reference vs mismatched answers
+    python -m evals.judge --calibrate --judge qwen2.5-coder-1.5b-instruct   # hand-labelled pairs
 
-The judge model (default: the KD teacher) sees the record's reference steps, key terms and safety
-notes, the user's question and the answer, and replies with one integer 0-10; greedy, a few
-tokens, parsed. Scores go into each ``kd_domain_<tag>.json`` as the per-item ``judge`` (0-1,
-score / 10) and ``judge_acc`` (1 if score >= ``PASS_SCORE``) next to the keyword metrics, so the
-report can show them with bootstrap intervals. Every verdict is cached with its provenance in
-``evals/results/judgements/<judge>.jsonl`` keyed by (judge, prompt), so reruns only judge what is new.
+The judge (``jaxkd.judge.LLMJudge``) reads the record's reference steps (no key-term list), the
+question and the answer between delimiters, and scores four criteria as expectations over its
+score-token distribution: technical accuracy 0-10, completeness 0-10, practical utility 0-10,
+language quality 0-5. Per item, ``kd_domain_<tag>.json`` gains ``judge`` (technical / 10, the
+column the reports have always shown), ``judge_acc`` (technical >= ``PASS_SCORE``),
+``judge_completeness`` / ``judge_utility`` (/ 10), ``judge_language`` (/ 5) and ``judge_mass``
+(the probability the judge put on valid score tokens, lowest over the criteria).
 
-``--sanity`` measures whether the judge discriminates at all: it scores each item's reference
-steps written as an answer (should score high) and the answer to an item of another category
-(should score low). A judge that cannot separate those is not worth its numbers; the report says
-how far apart they are. This is the R_tech term the GRPO reward will reuse.
+Default judge: ``JudgeConfig().model`` (the 1.5B preset) unless it is one of the models under
+test and another preset is available (``pick_judge``); the choice is printed and stored.
+Verdicts are cached in ``evals/results/judgements/<judge>__<rubric version>.jsonl`` keyed by
+(judge weights fingerprint, rubric version, criterion, prompt), with provenance.
+``--calibrate`` is documented in ``evals.calibration``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,113 +31,79 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from evals.domain import (GENERATIONS, RESULTS, GenerationCache, bootstrap_ci, distilled_paraphrase_items, gen_key,
-                          heldout_items)
+from evals.domain import RESULTS, GenerationCache, bootstrap_ci, distilled_paraphrase_items, heldout_items
+from jaxkd.config import JudgeConfig
+from jaxkd.judge import CRITERIA, RUBRIC_VERSION, Criterion, Verdicts
 
 JUDGEMENTS = RESULTS / "judgements"
-DEFAULT_JUDGE = "qwen2.5-coder-1.5b-instruct"
-PASS_SCORE = 6  # "judge accuracy" = share of answers scored >= 6/10
-
-JUDGE_SYSTEM = (
-    "You grade answers written by a consumer-electronics troubleshooting assistant. You are given "
-    "verified reference notes for the user's problem. Judge only technical correctness: does the "
-    "answer identify the right cause and give the reference's key steps correctly and safely? "
-    "Scale: 10 = all key steps, correct and safe; 7 = most key steps, nothing wrong; "
-    "4 = generic advice that only partly fits; 1 = wrong device, wrong problem or misleading; "
-    "0 = unsafe or empty. Reply with the integer score only.")
+DEFAULT_JUDGE = JudgeConfig().model
+JUDGE_PRESETS = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
+PASS_SCORE = 6  # "judge accuracy" = share of answers with an expected technical score >= 6/10
 
 
-def _as_list(v: Any) -> list:
-    if isinstance(v, str):
-        return [v]
-    return list(v or [])
-
-
-def judge_messages(item: Mapping[str, Any], answer: str) -> list[dict]:
-    steps = _as_list(item.get("reference_steps") or item.get("steps"))
-    lines = ["Reference notes:"] + [f"{i}. {s}" for i, s in enumerate(steps, 1)]
-    terms = [g[0] for g in item.get("required", ()) if g]
-    if terms:
-        lines.append("Key terms: " + "; ".join(terms))
-    safety = _as_list(item.get("safety"))
-    if safety:
-        lines.append("Safety notes: " + " ".join(safety))
-    lines += ["", f"User's question: {item['question']}", "", "Answer to grade:",
-              answer.strip() or "(empty)", "", "Score (0-10):"]
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
-
-
-_INT = re.compile(r"\b(10|[0-9])\b")
-
-
-def parse_score(text: str) -> float:
-    """The first integer 0-10 in the judge's reply (``"8/10"``, ``"Score: 7"``); NaN when none."""
-    m = _INT.search(text)
-    return float(m.group(1)) if m else float("nan")
+def pick_judge(models_under_test: Sequence[str], requested: str | None = None,
+               candidates: Sequence[str] = JUDGE_PRESETS) -> tuple[str, str]:
+    """(judge, note): ``requested`` if given, else the first candidate that is not under test,
+    else the first candidate with a note saying it is also under test."""
+    if requested:
+        clash = requested in models_under_test
+        return requested, (f"judge {requested} is also a model under test" if clash else "")
+    for c in candidates:
+        if c not in models_under_test:
+            return c, ""
+    return candidates[0], (f"judge {candidates[0]} is also a model under test: no other judge preset "
+                           f"among {list(candidates)}")
 
 
 class Judge:
-    """A greedy judge over a loaded model; verdicts cached by (judge, prompt)."""
+    """``jaxkd.judge.LLMJudge`` loaded on first use, with its verdict cache under ``root``."""
 
-    def __init__(self, model: str = DEFAULT_JUDGE, *, batch_size: int = 8, max_new_tokens: int = 4,
-                 root: Path = JUDGEMENTS, log=print):
-        self.model_name, self.batch_size, self.max_new_tokens = model, batch_size, max_new_tokens
-        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(model).name)
-        self.cache = GenerationCache(safe, root=root)
-        self.log = log
-        self._gen = None
+    def __init__(self, model: str = DEFAULT_JUDGE, *, config: JudgeConfig | None = None, root: Path = JUDGEMENTS,
+                 log=print):
+        self.model_name = model
+        self.config = config or JudgeConfig(model=model)
+        self.root, self.log = Path(root), log
+        self._judge = None
 
-    def _generator(self):
-        if self._gen is None:
+    @property
+    def cache_path(self) -> Path:
+        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(self.model_name).name)
+        return self.root / f"{safe}__{RUBRIC_VERSION}.jsonl"
+
+    def _llm(self):
+        if self._judge is None:
             from evals.domain import _load_model
-            from jaxkd.models.generate import Generator
+            from jaxkd.judge import LLMJudge, VerdictCache, model_fingerprint
 
             t0 = time.perf_counter()
             pt, resolved = _load_model(self.model_name)
             self.log(f"judge {resolved} loaded in {time.perf_counter() - t0:.0f}s")
-            self._gen = Generator(pt.model, pt.tokenizer, max_seq_len=1536, prompt_bucket=64)
-        return self._gen
+            self._judge = LLMJudge(pt.model, pt.tokenizer, fingerprint=model_fingerprint(self.model_name),
+                                   config=self.config, cache=VerdictCache(self.cache_path), log=self.log)
+        return self._judge
 
-    def score(self, items: Sequence[Mapping], answers: Sequence[str], *, label: str = "") -> list[float]:
-        """Scores 0-10 (NaN where the reply held no integer), in item order."""
-        from jaxkd.config import SamplingConfig, to_dict
-        from jaxkd.models.generate import chat_ids
-
-        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.0)
-        msgs = [judge_messages(it, a) for it, a in zip(items, answers, strict=True)]
-        keys = [gen_key(f"judge:{self.model_name}", m, to_dict(sampling)) for m in msgs]
-        todo = [i for i, k in enumerate(keys) if k not in self.cache.rows]
-        if todo:
-            gen = self._generator()
-            prov = {"judge": self.model_name, "sampling": to_dict(sampling),
-                    "command": " ".join(shlex.quote(a) for a in ["python", "-m", "evals.judge", *sys.argv[1:]]),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": f"{platform.node()} {platform.machine()}"}
-            # longest prompts together: fewer padded prefill tokens per batch
-            todo.sort(key=lambda i: -len(msgs[i][1]["content"]))
-            for s in range(0, len(todo), self.batch_size):
-                chunk = todo[s:s + self.batch_size]
-                t0 = time.perf_counter()
-                out = gen.generate([chat_ids(gen.tokenizer, msgs[i]) for i in chunk], sampling)
-                for i, toks in zip(chunk, out.tokens):
-                    reply = gen.tokenizer.decode(toks, skip_special_tokens=True)
-                    self.cache.add({"key": keys[i], "item_id": items[i]["id"], "label": label,
-                                    "reply": reply, "score": parse_score(reply), "provenance": prov})
-                self.log(f"  judged {min(s + self.batch_size, len(todo))}/{len(todo)} {label} "
-                         f"({time.perf_counter() - t0:.0f}s)")
-        return [float(self.cache.rows[k]["score"]) for k in keys]
+    def score(self, items: Sequence[Mapping], answers: Sequence[str], criteria: Sequence[Criterion | str] = tuple(
+              Criterion), *, label: str = "") -> dict[Criterion, Verdicts]:
+        return self._llm().score(items, answers, criteria, labels=[label] * len(items))
 
 
-def summarise_scores(scores: Sequence[float]) -> dict[str, Any]:
-    s = np.asarray(scores, np.float64)
-    ok = np.isfinite(s)
-    judge = list(s / 10.0)
-    acc = [float(x >= PASS_SCORE) if np.isfinite(x) else float("nan") for x in s]
-    out = {}
-    for name, vals in (("judge", judge), ("judge_acc", acc)):
-        mean, lo, hi = bootstrap_ci(vals)
-        out[name] = {"mean": mean, "ci95": [lo, hi], "n": int(ok.sum())}
-    out["judge_unparsed"] = int((~ok).sum())
+def summarise_verdicts(v: Mapping[Criterion, Verdicts]) -> dict[str, Any]:
+    """Bootstrap means of each criterion (0-1), judge_acc, the valid mass and the score spread."""
+    out: dict[str, Any] = {}
+    tech = v[Criterion.TECHNICAL].score
+    cols = {"judge": v[Criterion.TECHNICAL].normalised,
+            "judge_acc": (tech >= PASS_SCORE).astype(float)}
+    for c in (Criterion.COMPLETENESS, Criterion.UTILITY, Criterion.LANGUAGE):
+        if c in v:
+            cols[f"judge_{c.value}"] = v[c].normalised
+    for name, vals in cols.items():
+        mean, lo, hi = bootstrap_ci(list(vals))
+        out[name] = {"mean": mean, "ci95": [lo, hi], "n": int(np.isfinite(vals).sum())}
+    mass = np.min([x.mass for x in v.values()], axis=0)
+    out["judge_mass"] = {"mean": float(np.mean(mass)), "min": float(np.min(mass))}
+    out["judge_spread"] = {"std": float(np.std(tech)), "p10": float(np.quantile(tech, 0.1)),
+                           "p50": float(np.median(tech)), "p90": float(np.quantile(tech, 0.9)),
+                           "distinct_0.1": int(len(np.unique(np.round(tech, 1))))}
     return out
 
 
@@ -153,38 +119,46 @@ def judge_tag(judge: Judge, tag: str, items_by_id: Mapping[str, Mapping], result
     missing = [i for i in ids if i not in gens or i not in items_by_id]
     if missing:
         raise KeyError(f"tag {tag}: no generation / held-out item for {missing[:3]}")
-    scores = judge.score([items_by_id[i] for i in ids], [gens[i] for i in ids], label=tag)
-    for row, sc in zip(res["items"], scores):
-        row["judge"] = sc / 10.0
-        row["judge_acc"] = float(sc >= PASS_SCORE) if np.isfinite(sc) else float("nan")
-    res["summary"].update(summarise_scores(scores))
-    res["judge"] = {"model": judge.model_name, "pass_score": PASS_SCORE}
+    v = judge.score([items_by_id[i] for i in ids], [gens[i] for i in ids], label=tag)
+    mass = np.min([x.mass for x in v.values()], axis=0)
+    for k, row in enumerate(res["items"]):
+        row["judge"] = float(v[Criterion.TECHNICAL].normalised[k])
+        row["judge_acc"] = float(v[Criterion.TECHNICAL].score[k] >= PASS_SCORE)
+        for c in (Criterion.COMPLETENESS, Criterion.UTILITY, Criterion.LANGUAGE):
+            row[f"judge_{c.value}"] = float(v[c].normalised[k])
+        row["judge_mass"] = float(mass[k])
+    for stale in ("judge_unparsed",):
+        res["summary"].pop(stale, None)
+    res["summary"].update(summarise_verdicts(v))
+    res["judge"] = {"model": judge.model_name, "rubric": RUBRIC_VERSION, "pass_score": PASS_SCORE,
+                    "criteria": {c.value: CRITERIA[c].max_score for c in v}}
     path.write_text(json.dumps(res, indent=1, default=float))
     return res["summary"]
 
 
 def reference_answer(item: Mapping[str, Any]) -> str:
-    return "\n".join(f"{i}. {s}" for i, s in enumerate(_as_list(item["reference_steps"]), 1))
+    steps = item["reference_steps"]
+    return "\n".join(f"{i}. {s}" for i, s in enumerate([steps] if isinstance(steps, str) else steps, 1))
 
 
 def sanity(judge: Judge, items: Sequence[Mapping], answers_tag: str = "teacher", results_dir: Path = RESULTS,
            pool: Sequence[Mapping] | None = None) -> dict[str, Any]:
-    """Judge the references themselves vs a real answer to a different-category item."""
+    """Technical score of the references themselves vs a real answer to a different-category item."""
     gens = {r["item_id"]: r["answer"]
             for r in GenerationCache(answers_tag, Path(results_dir) / "generations").rows.values()}
     pool = [it for it in (pool if pool is not None else heldout_items("test", 0)) if it["id"] in gens]
     if not pool:
-        raise FileNotFoundError(f"no generations under tag {answers_tag!r} in {GENERATIONS}")
+        raise FileNotFoundError(f"no generations under tag {answers_tag!r} in {Path(results_dir) / 'generations'}")
     mismatched = []
     for k, it in enumerate(items):
         others = [o for o in pool if o["category"] != it["category"]]
         mismatched.append(gens[others[k % len(others)]["id"]])
     ref = judge.score(items, [reference_answer(it) for it in items], label="sanity:reference")
     bad = judge.score(items, mismatched, label=f"sanity:mismatched:{answers_tag}")
-    out = {"reference": summarise_scores(ref), "mismatched": summarise_scores(bad),
-           "n": len(items), "judge": judge.model_name, "mismatched_from": answers_tag}
-    d = [a - b for a, b in zip(ref, bad) if np.isfinite(a) and np.isfinite(b)]
-    mean, lo, hi = bootstrap_ci([x / 10 for x in d])
+    out = {"reference": summarise_verdicts(ref), "mismatched": summarise_verdicts(bad),
+           "n": len(items), "judge": judge.model_name, "rubric": RUBRIC_VERSION, "mismatched_from": answers_tag}
+    d = ref[Criterion.TECHNICAL].normalised - bad[Criterion.TECHNICAL].normalised
+    mean, lo, hi = bootstrap_ci(list(d))
     out["gap"] = {"mean": mean, "ci95": [lo, hi]}
     (Path(results_dir) / "judge_sanity.json").write_text(json.dumps(out, indent=1, default=float))
     return out
@@ -193,25 +167,37 @@ def sanity(judge: Judge, items: Sequence[Mapping], answers_tag: str = "teacher",
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals.judge", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--judge", default=DEFAULT_JUDGE, help="preset, .gguf, HF dir or run dir")
+    p.add_argument("--judge", default=None, help="preset, .gguf, HF dir or run dir (default: pick_judge)")
     p.add_argument("--tags", nargs="*", default=[], help="kd_domain_<tag>.json files to judge")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=32, help="held-out items for --sanity")
     p.add_argument("--sanity", action="store_true", help="reference vs mismatched answers")
+    p.add_argument("--calibrate", action="store_true", help="score the hand-labelled pairs (evals/calibration)")
+    p.add_argument("--categories", nargs="*", default=None, help="calibration categories (default: all)")
+    p.add_argument("--per-category", type=int, default=0, help="calibration pairs per category (0 = all)")
     p.add_argument("--config", default="configs/cpu_default.yaml",
                    help="run config whose distilled records the *_seen tags ask about")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=JudgeConfig().batch_size)
     args = p.parse_args(argv)
-    if not args.tags and not args.sanity:
-        p.error("give --tags and/or --sanity")
-    judge = Judge(args.judge, batch_size=args.batch_size)
-    items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
-    by_id = {it["id"]: it for it in items}
-    for tag in args.tags:
-        s = judge_tag(judge, tag, by_id)
-        print(json.dumps({"tag": tag, **{k: s[k] for k in ("judge", "judge_acc", "judge_unparsed")}}))
+    if not args.tags and not args.sanity and not args.calibrate:
+        p.error("give --tags, --sanity and/or --calibrate")
+    under_test = sorted({json.loads((RESULTS / f"kd_domain_{t}.json").read_text()).get("model", "")
+                         for t in args.tags if (RESULTS / f"kd_domain_{t}.json").exists()})
+    name, note = pick_judge(under_test, args.judge)
+    print(f"judge: {name}" + (f" ({note})" if note else ""))
+    judge = Judge(name, config=JudgeConfig(model=name, batch_size=args.batch_size))
+    if args.tags:
+        items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
+        by_id = {it["id"]: it for it in items}
+        for tag in args.tags:
+            s = judge_tag(judge, tag, by_id)
+            print(json.dumps({"tag": tag, **{k: s[k] for k in ("judge", "judge_acc", "judge_mass")}}))
     if args.sanity:
         print(json.dumps(sanity(judge, heldout_items(args.split, args.limit)), indent=1))
+    if args.calibrate:
+        from evals.calibration import run_calibration
+
+        print(run_calibration(judge, per_category=args.per_category, categories=args.categories))
     return 0
 
 

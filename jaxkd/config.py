@@ -688,3 +688,66 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------
+# Scorers: the LLM judge and the combined reward (jaxkd.judge, jaxkd.rewards)
+# --------------------------------------------------------------------------------------------
+
+JUDGE_CRITERIA = ("technical", "completeness", "utility", "language")
+
+
+@_frozen
+class JudgeConfig:
+    """The LLM judge: which model, how requests are batched, how long an answer may be."""
+
+    model: str = "qwen2.5-coder-1.5b-instruct"  # any preset, .gguf, HF dir or run dir
+    batch_size: int = 8            # (item, answer) requests per forward pass
+    max_answer_tokens: int = 512   # longer answers are cut (and marked "[...]") before judging
+    share_prefix: bool = True      # prefill the shared context once, then one pass per criterion
+    pad_batch: bool = True         # pad the last batch to batch_size (one compiled shape)
+    prompt_bucket: int = 128       # prompt lengths are padded to a multiple of this
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_answer_tokens", "prompt_bucket"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"judge.{name} must be > 0, got {getattr(self, name)}")
+
+
+@_frozen
+class RewardConfig:
+    """R = w_tech * R_tech + w_lang * R_lang (jaxkd.rewards.combined_rewards documents the ranges).
+
+    R_tech = (judge tech + rule_weight * rule) / (1 + rule_weight) - unsafe_penalty * unsafe, with
+    judge tech the mean of ``tech_criteria`` / 10 and rule the mean of required-keyword and
+    reference-step coverage. R_lang = (judge language / 5 + offline_weight * offline +
+    numbered_weight * numbered) / (1 + offline_weight + numbered_weight) - repetition_weight *
+    repetition. Without the judge (use_judge: false) its terms drop out of both averages.
+    """
+
+    w_tech: float = 0.6
+    w_lang: float = 0.4
+    use_judge: bool = True
+    tech_criteria: tuple[str, ...] = ("technical", "completeness")
+    rule_weight: float = 0.25
+    offline_weight: float = 0.25
+    numbered_weight: float = 0.1
+    repetition_weight: float = 0.5
+    unsafe_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("w_tech", "w_lang", "rule_weight", "offline_weight", "numbered_weight",
+                     "repetition_weight", "unsafe_penalty"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"reward.{name} must be >= 0, got {getattr(self, name)}")
+        if self.w_tech + self.w_lang == 0:
+            raise ConfigError("reward.w_tech + reward.w_lang must be > 0 (both are 0)")
+        bad = [c for c in self.tech_criteria if c not in JUDGE_CRITERIA[:3]]
+        if bad or not self.tech_criteria:
+            raise ConfigError(f"reward.tech_criteria {list(self.tech_criteria)}: allowed (non-empty) "
+                              f"subset of {list(JUDGE_CRITERIA[:3])}")
+        if not self.use_judge and self.rule_weight == 0:
+            raise ConfigError("reward.use_judge: false leaves R_tech empty unless reward.rule_weight > 0")
+        if not self.use_judge and self.offline_weight + self.numbered_weight == 0:
+            raise ConfigError("reward.use_judge: false leaves R_lang empty unless reward.offline_weight "
+                              "or reward.numbered_weight > 0")

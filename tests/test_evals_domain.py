@@ -60,7 +60,7 @@ def test_bootstrap_ci_brackets_the_mean_and_narrows_with_n():
 
 def test_score_and_report(tmp_path):
     items = [dict(ITEM, id=f"x#q{i}", category=c) for i, c in enumerate(["earbuds", "tv", "earbuds", "tv"])]
-    good = "Put them in the charging case, press and hold the button to reset, pair again."
+    good = "Put them in the charging case. Press and hold the button to reset them. Then pair them again."
     base = D.score_answers(items, ["no idea"] * 4)
     kd = D.score_answers(items, [good] * 4, references=[good, good, "x", "y"])
     assert kd["rougeL"][0] == 1.0 and kd["em"] == [1.0, 1.0, 0.0, 0.0]
@@ -78,6 +78,22 @@ def test_score_and_report(tmp_path):
     assert data["paired_vs_base"]["kd"]["required"]["mean"] == 1.0
     with pytest.raises(FileNotFoundError, match="teacher"):
         D.write_report(tmp_path, ["base", "teacher"])
+
+
+def test_rescore_recomputes_rule_scores_from_the_generations(tmp_path):
+    items = D.heldout_items("test", limit=2)
+    gens = D.GenerationCache("m", root=tmp_path / "generations")
+    answers = ["\n".join(f"{i}. {s}" for i, s in enumerate(items[0]["reference_steps"], 1)), ""]
+    for it, a in zip(items, answers):
+        gens.add({"key": it["id"], "item_id": it["id"], "answer": a})
+    stale = {"tag": "m", "n_items": 2, "summary": {},
+             "items": [{"id": it["id"], "required": 0.5, "steps": 0.5, "judge": 0.7} for it in items]}
+    (tmp_path / "kd_domain_m.json").write_text(json.dumps(stale))
+    assert D.rescore(tmp_path) == ["m"]
+    res = json.loads((tmp_path / "kd_domain_m.json").read_text())
+    assert res["items"][0]["steps"] == pytest.approx(1.0) and res["items"][1]["steps"] == 0.0
+    assert res["items"][1]["required"] == 0.0 and res["items"][0]["judge"] == 0.7   # judge columns kept
+    assert res["summary"]["steps"]["mean"] == pytest.approx(0.5) and res["summary"]["judge"]["mean"] == 0.7
 
 
 def test_heldout_items_cover_every_category_in_a_prefix():

@@ -1,20 +1,21 @@
-"""LLM-as-judge plumbing (prompt, parsing, caching, result files) and the grounding ablation report.
+"""evals.judge plumbing (judge choice, result files, sanity, calibration) and the ablation report.
 
-The judge model is replaced by a rule that reads the prompt it is given, so these tests check
-what reaches the judge and what happens to its replies; the real judge's behaviour is measured
-by ``python -m evals.judge --sanity`` (committed in evals/results/judge_sanity.json).
+The LLM judge is replaced by a rule over the answers, so these tests check what reaches the judge
+and what happens to its scores; the judge's mechanics are tested in tests/test_judge.py and its
+real behaviour is measured by ``python -m evals.judge --calibrate`` (evals/results/judge_calibration.md).
 """
 
 from __future__ import annotations
 
 import json
-import math
 
+import numpy as np
 import pytest
 
 from evals import ablation as A
 from evals import judge as J
 from evals.domain import GenerationCache, score_answers, summarise
+from jaxkd.judge import CRITERIA, Criterion, Verdicts
 
 STEPS = ["Put both earbuds back in the charging case and close the lid for 15 seconds.",
          "Press and hold the case button for 10 seconds until the light flashes amber.",
@@ -26,78 +27,55 @@ GOOD = "1. Put both earbuds back in the charging case and close the lid for 15 s
 BAD = "Restart your television."
 
 
-class ByteTokenizer:
-    """Chat template = the messages' text as bytes, so the fake judge can read its prompt."""
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
-        return list("\n".join(m["content"] for m in messages).encode())
-
-    def decode(self, ids, skip_special_tokens=True):
-        return bytes(ids).decode()
-
-
-class RuleJudge:
-    """Replies "9/10" when the graded answer contains the first reference step, else "Score: 2"."""
+class RuleLLM:
+    """Stands in for jaxkd.judge.LLMJudge: technical 9/10 when the answer holds the first
+    reference step, else 2/10; the other criteria follow; records what it was asked."""
 
     def __init__(self):
-        self.tokenizer, self.prompts = ByteTokenizer(), []
+        self.calls = []
 
-    def generate(self, prompt_ids, sampling):
-        replies = []
-        for ids in prompt_ids:
-            text = bytes(ids).decode()
-            self.prompts.append(text)
-            answer = text.split("Answer to grade:")[1]
-            replies.append(list(("9/10" if STEPS[0] in answer else "Score: 2").encode()))
-        return type("Out", (), {"tokens": replies})()
+    def score(self, items, answers, criteria, labels=None):
+        self.calls.append((list(answers), [Criterion(c) for c in criteria]))
+        out = {}
+        for c in map(Criterion, criteria):
+            top = CRITERIA[c].max_score
+            s = np.asarray([0.9 * top if STEPS[0] in a else 0.2 * top for a in answers])
+            out[c] = Verdicts(c, s, np.full(len(answers), 0.97), np.zeros((len(answers), top + 1)))
+        return out
 
 
 def make_judge(tmp_path):
-    j = J.Judge("fake-judge", batch_size=3, root=tmp_path / "judgements", log=lambda s: None)
-    j._gen = RuleJudge()
+    j = J.Judge("fake-judge", root=tmp_path / "judgements", log=lambda s: None)
+    j._judge = RuleLLM()
     return j
 
 
-@pytest.mark.parametrize("reply, score", [("8", 8.0), ("8/10", 8.0), ("Score: 10", 10.0), (" 0.", 0.0),
-                                          ("I'd say 7 out of 10", 7.0), ("eleven", math.nan), ("", math.nan)])
-def test_parse_score(reply, score):
-    got = J.parse_score(reply)
-    assert (math.isnan(got) and math.isnan(score)) or got == score
+def test_pick_judge_avoids_the_model_under_test():
+    assert J.pick_judge(["runs/kd-cpu"]) == ("qwen2.5-coder-1.5b-instruct", "")
+    assert J.pick_judge(["qwen2.5-coder-1.5b-instruct"])[0] == "qwen2.5-coder-0.5b-instruct"
+    name, note = J.pick_judge(["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"])
+    assert name == "qwen2.5-coder-1.5b-instruct" and "also a model under test" in note
+    assert J.pick_judge([], "my-judge") == ("my-judge", "")
 
 
-def test_judge_prompt_carries_reference_question_and_answer():
-    text = J.judge_messages(ITEMS[0], "my answer")[1]["content"]
-    for s in STEPS:
-        assert s in text
-    assert "Key terms: charging case; reset" in text and "Never heat the case." in text
-    assert ITEMS[0]["question"] in text and text.index("my answer") > text.index("Answer to grade:")
-    assert "(empty)" in J.judge_messages(ITEMS[0], "  ")[1]["content"]
-
-
-def test_judge_scores_caches_and_writes_results(tmp_path):
+def test_judge_tag_writes_every_criterion_into_the_results(tmp_path):
     judge = make_judge(tmp_path)
     answers = [GOOD, BAD, GOOD, BAD]
-    assert judge.score(ITEMS, answers) == [9.0, 2.0, 9.0, 2.0]
-    assert len(judge._gen.prompts) == 4
-    assert judge.score(ITEMS, answers) == [9.0, 2.0, 9.0, 2.0]
-    assert len(judge._gen.prompts) == 4, "cached verdicts must not be judged again"
-    # a fresh Judge reads the verdict file back
-    again = J.Judge("fake-judge", root=tmp_path / "judgements")
-    assert again.score(ITEMS, answers) == [9.0, 2.0, 9.0, 2.0] and again._gen is None
-
-    # kd_domain_<tag>.json gains per-item judge scores and summary intervals
     gens = GenerationCache("s", root=tmp_path / "generations")
     for it, a in zip(ITEMS, answers):
         gens.add({"key": it["id"], "item_id": it["id"], "answer": a})
     sc = score_answers(ITEMS, answers)
-    res = {"tag": "s", "n_items": 4, "summary": summarise(sc),
+    res = {"tag": "s", "n_items": 4, "summary": {**summarise(sc), "judge_unparsed": 0},
            "items": [{"id": it["id"], **{k: v[i] for k, v in sc.items()}} for i, it in enumerate(ITEMS)]}
     (tmp_path / "kd_domain_s.json").write_text(json.dumps(res))
     summ = J.judge_tag(judge, "s", {it["id"]: it for it in ITEMS}, tmp_path)
     assert summ["judge"]["mean"] == pytest.approx(0.55) and summ["judge_acc"]["mean"] == 0.5
-    assert summ["judge_unparsed"] == 0
+    assert summ["judge_language"]["mean"] == pytest.approx(0.55) and summ["judge_mass"]["min"] == pytest.approx(0.97)
+    assert summ["judge_spread"]["distinct_0.1"] == 2 and "judge_unparsed" not in summ
     saved = json.loads((tmp_path / "kd_domain_s.json").read_text())
     assert [i["judge_acc"] for i in saved["items"]] == [1.0, 0.0, 1.0, 0.0]
+    assert saved["judge"]["model"] == "fake-judge" and saved["judge"]["criteria"]["language"] == 5
+    assert judge._judge.calls[0][0] == answers
     with pytest.raises(FileNotFoundError, match="kd_domain_missing"):
         J.judge_tag(judge, "missing", {}, tmp_path)
 
@@ -110,9 +88,45 @@ def test_sanity_uses_other_category_answers(tmp_path):
     out = J.sanity(judge, ITEMS, "teacher", tmp_path, pool=ITEMS)
     # references contain step 1 -> 9; mismatched answers come from the other category
     assert out["reference"]["judge"]["mean"] == pytest.approx(0.9)
+    assert out["mismatched"]["judge"]["mean"] == pytest.approx(0.55) and out["gap"]["mean"] == pytest.approx(0.35)
     assert (tmp_path / "judge_sanity.json").exists()
-    mism = [p for p in judge._gen.prompts if "question 0" in p][-1]
-    assert BAD in mism, "item 0 (earbuds) must be paired with a tv item's answer"
+    mismatched = judge._judge.calls[-1][0]
+    assert mismatched[0] == BAD, "item 0 (earbuds) must be paired with a tv item's answer"
+    assert mismatched[1] == GOOD, "item 1 (tv) must be paired with an earbuds item's answer"
+
+
+def test_calibration_pairs_and_report(tmp_path):
+    from evals import calibration as C
+
+    pairs = C.load_pairs()
+    assert len(pairs) >= 60 and {p["category"] for p in pairs} == set(C.CATEGORIES)
+    for p in pairs:
+        assert p["answer_a"] != p["answer_b"] and p["winner"] in ("a", "b") and p["why"]
+    sub = C.load_pairs(per_category=1)
+    assert [p["category"] for p in sub] == list(C.CATEGORIES)
+    with pytest.raises(ValueError, match="unknown calibration categories"):
+        C.load_pairs(categories=["nope"])
+
+    class WinnerJudge:
+        """Scores the labelled winner 8 and the loser 3 on every criterion."""
+        model_name = "oracle"
+
+        def __init__(self):
+            self.winners = {p["answer_a"] if p["winner"] == "a" else p["answer_b"] for p in sub}
+
+        def score(self, items, answers, criteria, label=""):
+            return {c: Verdicts(c, np.asarray([8.0 if a in self.winners else 3.0 for a in answers]) *
+                                CRITERIA[c].max_score / 10, np.ones(len(answers)), np.zeros((len(answers), 1)))
+                    for c in map(Criterion, criteria)}
+
+    out = C.run_calibration(WinnerJudge(), per_category=1, results_dir=tmp_path)
+    data = json.loads((tmp_path / "judge_calibration.json").read_text())
+    agree = data["judges"]["oracle"]["agreement"]
+    assert all(agree[c][k]["agree"] == 1.0 for c in C.CATEGORIES for k in agree[c])
+    assert agree["plain_vs_injected"]["technical"]["not_raised"] == 1.0
+    assert data["rules"]["agreement"]["complete_vs_missing_step"]["steps"]["agree"] == 1.0
+    text = out.read_text()
+    assert "## Judge `oracle`" in text and "| complete_vs_missing_step | completeness 1.00 (margin +5.00) |" in text
 
 
 def test_grounding_ablation_report(tmp_path):
