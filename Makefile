@@ -12,7 +12,10 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES ?= 0
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-MODEL    ?= qwen2.5-coder-0.5b-instruct
+# MODEL empty: `make run` serves the newest trained run under runs/ (else the base preset);
+# set it to a run dir, preset, .gguf or HF dir to choose.
+MODEL    ?=
+BASE_MODEL := qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
 .PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate report clean
@@ -41,9 +44,10 @@ system-deps:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium chromium-driver >/dev/null; }
 
-# The main job on the embedded default (real packaged weights, CPU).
+# The main job on the embedded default (real packaged weights, CPU): the newest trained run when one
+# exists (its stderr names the model it loaded and why), else the base preset.
 run: setup
-	$(BIN)/python -m jaxkd.generate --model $(MODEL) "$(QUESTION)"
+	$(BIN)/python -m jaxkd.generate $(if $(MODEL),--model $(MODEL)) "$(QUESTION)"
 
 generate: run
 
@@ -60,7 +64,7 @@ test-fast: setup
 bench: bench-generate
 
 bench-generate: setup
-	$(BIN)/python -m evals.bench_generate --model $(MODEL)
+	$(BIN)/python -m evals.bench_generate --model $(or $(MODEL),$(BASE_MODEL))
 
 # Rebuild the committed reports from the committed per-model results (no model runs).
 report: setup

@@ -1,6 +1,6 @@
 """``python -m demo [--config configs/demo.yaml] [--scripted] [key.path=value ...]``
 
-Loads the model (the newest trained checkpoint under runs/ when there is one, else the packaged
+Loads the model (the newest trained run under runs/ when there is one, else the packaged
 student), compiles it once, loads Whisper and Piper, then serves the UI and API and prints the URL.
 """
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     svc = Services.build(cfg)
     print(f"[demo] ready in {time.perf_counter() - t0:.1f} s (warm-up {svc.warmup_seconds:.1f} s), "
-          f"engine: {svc.engine.name}", flush=True)
+          f"serving: {svc.engine.name} from {getattr(svc.engine, 'source', '?')}", flush=True)
     app = create_app(svc)
     url = f"http://{cfg.server.host}:{cfg.server.port}{cfg.server.gradio_path}"
     print(f"[demo] open {url}  (API: /health, /api/ask, /api/transcribe, /ws)", flush=True)

@@ -177,7 +177,8 @@ def create_app(svc: Services, *, with_ui: bool = True) -> FastAPI:
     async def health() -> JSONResponse:
         queue = svc.queue.snapshot()
         ok = queue["worker_alive"]
-        body = {"status": "ok" if ok else "error", "engine": svc.engine.name, "queue": queue,
+        body = {"status": "ok" if ok else "error", "engine": svc.engine.name,
+                "model_source": getattr(svc.engine, "source", None), "queue": queue,
                 "rate_limited": dict(svc.limiter.rejected), "stt_model": svc.stt.model_dir,
                 "tts": svc.tts is not None, "uptime_s": round(time.time() - svc.started, 1),
                 "warmup_s": round(svc.warmup_seconds, 2)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from pathlib import Path
 from typing import Iterator, Protocol, runtime_checkable
 
 from demo.settings import EngineConfig
@@ -25,7 +24,8 @@ DEVICE_NAMES = {
 
 @runtime_checkable
 class AnswerEngine(Protocol):
-    name: str
+    name: str      # the model it serves, for people
+    source: str    # where that model came from
 
     def warmup(self) -> float:
         """Compile / load everything a first question needs; returns seconds spent."""
@@ -61,6 +61,7 @@ class ScriptedEngine:
     """No model: streams a fixed numbered answer word by word (tests, UI and load work)."""
 
     name = "scripted"
+    source = "canned answers (no model)"
 
     def __init__(self, token_delay_s: float = 0.02) -> None:
         self.token_delay_s = token_delay_s
@@ -80,56 +81,40 @@ class ScriptedEngine:
             yield word
 
 
-def latest_checkpoint(runs_dir: str | Path) -> Path | None:
-    """Newest trained model under ``runs_dir``: a jaxkd checkpoint (``jaxkd_meta.json``, written
-    last by ``jaxkd.ckpt.save``) or an HF export (config.json + *.safetensors); None if none."""
-    root = Path(runs_dir)
-    if not root.is_dir():
-        return None
-    found = [p.parent for p in root.rglob(CKPT_MARKER)]
-    found += [p.parent for p in root.rglob("config.json") if any(p.parent.glob("*.safetensors"))]
-    return max(found, key=lambda d: d.stat().st_mtime) if found else None
-
-
-CKPT_MARKER = "jaxkd_meta.json"
-
-
 def resolve_model(cfg: EngineConfig) -> str:
-    """What ``JaxkdEngine`` loads: the newest trained checkpoint when preferred and present,
-    else ``cfg.model`` (preset name, preset YAML, or checkpoint / export directory)."""
+    """What ``JaxkdEngine`` loads: the newest trained run under ``cfg.runs_dir`` when preferred
+    and present, else ``cfg.model`` (anything ``jaxkd.serving.load_model`` takes)."""
     if cfg.prefer_trained_checkpoint:
-        ckpt = latest_checkpoint(cfg.runs_dir)
-        if ckpt is not None:
-            return str(ckpt)
+        from jaxkd.serving import newest_run
+
+        run = newest_run(cfg.runs_dir)
+        if run is not None:
+            return str(run)
     return cfg.model
 
 
 class JaxkdEngine:
     """The student served with jaxkd's KV-cache generator; one instance, one caller at a time
-    (the demo's ``GenerationQueue`` guarantees that)."""
+    (the demo's ``GenerationQueue`` guarantees that). Loaded through ``jaxkd.serving.load_model``:
+    a trained run brings its weights, chat template and the system prompt it was trained with."""
 
     def __init__(self, cfg: EngineConfig) -> None:
-        from jaxkd.models import load_pretrained
         from jaxkd.models.generate import Generator
+        from jaxkd.serving import load_model
 
         self.cfg = cfg
-        self.source = resolve_model(cfg)
         t0 = time.perf_counter()
-        src = Path(self.source)
-        if src.is_dir() and (src / CKPT_MARKER).is_file():
-            model, tokenizer = _load_checkpoint(src, cfg.base_model)
-            self.name = f"{src.parent.name}/{src.name} (trained from {cfg.base_model})"
-        else:
-            pretrained = load_pretrained(self.source)
-            model, tokenizer = pretrained.model, pretrained.tokenizer
-            self.name = pretrained.spec.name
+        loaded = load_model(resolve_model(cfg))
         self.load_seconds = time.perf_counter() - t0
-        self.generator = Generator(model, tokenizer, max_seq_len=cfg.max_seq_len,
+        self.name = loaded.name          # what /health and the start-up line report
+        self.source = loaded.source      # where the weights came from (a run's checkpoint step, ...)
+        self.system_prompt = loaded.system_prompt if cfg.system_prompt is None else cfg.system_prompt
+        self.generator = Generator(loaded.model, loaded.tokenizer, max_seq_len=cfg.max_seq_len,
                                    prompt_bucket=cfg.prompt_bucket)
 
     def messages(self, question: str, device: str | None) -> list[dict[str, str]]:
-        return [{"role": "system", "content": self.cfg.system_prompt},
-                {"role": "user", "content": user_message(question, device)}]
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + [{"role": "user", "content": user_message(question, device)}]
 
     def warmup(self) -> float:
         """Compile prefill + decode for the prompt lengths questions actually have: a short and a
@@ -146,27 +131,6 @@ class JaxkdEngine:
 
     def stream(self, question: str, *, device: str | None = None) -> Iterator[str]:
         yield from self.generator.stream_chat(self.messages(question, device), self.cfg.sampling)
-
-
-def _load_checkpoint(path: Path, base: str) -> tuple[object, object]:
-    """A jaxkd orbax checkpoint (parameters + ModelConfig) with the tokenizer of ``base``, the
-    preset it was trained from (a checkpoint stores no tokenizer)."""
-    from jaxkd import ckpt
-    from jaxkd.models import resolve_hf_dir, resolve_spec
-    from jaxkd.models.tokenizer import load_tokenizer
-
-    try:
-        from jaxkd.sharding import abstract_decoder
-
-        # A shape-only Decoder as the target (restore_model(path) without one trips over the
-        # read-only Decoder.inv_freq property in this jaxkd version).
-        model = ckpt.restore_model(path, abstract_decoder(ckpt.read_config(path)))
-    except Exception as e:
-        raise RuntimeError(
-            f"could not restore the trained checkpoint {path} ({type(e).__name__}: {e}); serve the "
-            "preset instead with engine.prefer_trained_checkpoint=false, or set engine.model to "
-            "an HF export directory") from e
-    return model, load_tokenizer(resolve_hf_dir(resolve_spec(base)))
 
 
 WARMUP_QUESTIONS = (

@@ -14,14 +14,6 @@ from jaxkd.config import CONFIG_DIR, ConfigError, SamplingConfig, load
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
 
-DEFAULT_SYSTEM_PROMPT = (
-    "You are a concise support assistant for consumer electronics (headphones, earbuds, "
-    "speakers, soundbars, TVs, smart-home devices). Answer the user's problem with 3 to 6 short "
-    "numbered steps (1., 2., 3., ...): one action per step, one short sentence each, most likely "
-    "fix first. Plain text: no headings, no bold, no preamble, no closing remarks. Never advise "
-    "opening a sealed battery or bypassing safety features.")
-
-
 def _frozen(cls):
     return dataclasses.dataclass(frozen=True, kw_only=True)(cls)
 
@@ -43,22 +35,23 @@ class ServerConfig:
 class EngineConfig:
     """Which answer engine serves questions.
 
-    kind ``jaxkd``: ``model`` is a preset name (configs/models/<name>.yaml), a preset YAML path,
-    an orbax checkpoint directory or an HF export directory; with ``prefer_trained_checkpoint``
-    the newest checkpoint under ``runs_dir`` wins over the preset when one exists.
+    kind ``jaxkd``: ``model`` is anything ``jaxkd.serving.load_model`` takes: a trained run
+    directory (runs/<name>), a preset name (configs/models/<name>.yaml), a preset YAML path, a
+    .gguf file or an HF directory; with ``prefer_trained_checkpoint`` the newest trained run under
+    ``runs_dir`` wins over it when one exists. ``system_prompt`` None serves the model with its
+    own prompt: the one a run was trained with, else jaxkd.data.formatting.SYSTEM_PROMPT.
     kind ``scripted``: a model-free engine that streams canned numbered steps (UI development,
     fast tests, load tests of the web layer).
     """
 
     kind: Literal["jaxkd", "scripted"] = "jaxkd"
     model: str = "qwen2.5-coder-0.5b-instruct"
-    base_model: str = "qwen2.5-coder-0.5b-instruct"  # tokenizer source for a jaxkd checkpoint
     prefer_trained_checkpoint: bool = True
     runs_dir: str = "runs"
     max_seq_len: int = 1024
     prompt_bucket: int = 128
     warmup: bool = True
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    system_prompt: str | None = None
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=160)
     scripted_token_delay_s: float = 0.02  # scripted engine: pause between streamed words
 

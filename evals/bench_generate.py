@@ -77,11 +77,11 @@ def weight_bytes_per_step(model) -> tuple[int, int]:
 
 
 def chat_prompts(tokenizer, n: int) -> list[list[int]]:
-    from jaxkd.generate import DEFAULT_SYSTEM
+    from jaxkd.data.formatting import SYSTEM_PROMPT
 
     out = []
     for q in (QUESTIONS * ((n + len(QUESTIONS) - 1) // len(QUESTIONS)))[:n]:
-        ids = tokenizer.apply_chat_template([{"role": "system", "content": DEFAULT_SYSTEM},
+        ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
                                              {"role": "user", "content": q}],
                                             add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):

@@ -50,8 +50,11 @@ def run_jax(args) -> dict:
 
     from jaxkd.config import DistillConfig, TrainConfig
     from jaxkd.models import load_pretrained
+    import functools
+
+    from jaxkd.distill.kd import kd_loss
     from jaxkd.train import state as st
-    from jaxkd.train.loop import make_train_step
+    from jaxkd.train.trainer import make_train_step
 
     t0 = time.perf_counter()
     pt = load_pretrained(args.model)
@@ -62,12 +65,13 @@ def run_jax(args) -> dict:
     graphdef, params, frozen = st.split_model(pt.model, "no_embed")
     tx = st.make_optimizer(tcfg)
     state = st.init_state(params, tx, 0)
-    step = make_train_step(graphdef, tx, DistillConfig(alpha=ALPHA), vocab)
+    step = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=DistillConfig(alpha=ALPHA),
+                                             vocab=vocab), tx, clip_norm=tcfg.clip_norm)
     batch = make_batch(vocab, args.batch, args.seq, args.answer)
     times, losses = [], []
     for i in range(args.steps + 1):
         t1 = time.perf_counter()
-        state, m = step(state, batch, frozen)
+        state, m = step(state, batch, {"frozen": frozen})
         losses.append(float(m["loss"]))
         times.append(time.perf_counter() - t1)
     return {"framework": f"jax {jax.__version__} (jaxkd jitted step, donated state)", "load_s": load_s,

@@ -144,11 +144,14 @@ def distilled_paraphrase_items(config: str | Path = "configs/cpu_default.yaml", 
     return out[:limit] if limit > 0 else out
 
 
-def item_messages(item: Mapping, grounding: str = "none") -> list[dict]:
+def item_messages(item: Mapping, grounding: str = "none", system_prompt: str | None = None) -> list[dict]:
+    """The prompt for ``item``; ``system_prompt`` None: the default (the evaluated model's own
+    prompt is passed by ``generate_answers``), "" : no system turn."""
     from jaxkd.data.formatting import SYSTEM_PROMPT
     from jaxkd.distill.teacher import teacher_messages
 
-    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": item["question"]}]
+    system = SYSTEM_PROMPT if system_prompt is None else system_prompt
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": item["question"]}]
     return teacher_messages(msgs, item, grounding)
 
 
@@ -181,16 +184,11 @@ class GenerationCache:
 
 
 def _load_model(model: str):
-    path = Path(model)
-    if (path / "config.json").exists() and (path / "ckpt").exists():
-        from jaxkd.train.state import load_trained_student
+    """(loaded model, display name) through the one loader, ``jaxkd.serving.load_model``."""
+    from jaxkd.serving import load_model
 
-        pt, step, _ = load_trained_student(path)
-        return pt, f"{path.name}@{step}"
-    from jaxkd.models import load_pretrained
-
-    pt = load_pretrained(model)
-    return pt, pt.spec.name
+    loaded = load_model(model)
+    return loaded, loaded.name
 
 
 def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, grounding: str = "none",
@@ -200,7 +198,10 @@ def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, groundin
 
     cache = GenerationCache(tag)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0)
-    msgs = [item_messages(it, grounding) for it in items]
+    from jaxkd.serving import served_system_prompt
+
+    system = served_system_prompt(model)  # a run is evaluated with the prompt it was trained with
+    msgs = [item_messages(it, grounding, system or "") for it in items]
     model_id = str(model) + ("" if grounding == "none" else f"+grounding={grounding}")
     keys = [gen_key(model_id, m, to_dict(sampling)) for m in msgs]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]

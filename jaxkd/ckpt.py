@@ -1,16 +1,24 @@
-"""Checkpoints: orbax save / restore of any pytree of arrays plus JSON metadata, and HF export.
+"""The one checkpoint format for trained models: a run directory, written by the trainer.
 
-Layout of a checkpoint directory ``PATH``::
+    runs/<name>/
+      run.json        serving metadata, written when the run starts: format, recipe, the base
+                      model (its ModelSpec and ModelConfig), the trainable subset, and the system
+                      prompt + chat template the student was trained with
+      config.json     the run's full config (RunConfig)
+      ckpt/<step>/    orbax checkpoints (the last ``train.keep``), three items:
+        params/       the trainable parameters: all a server needs on top of the base model
+        train/        everything else of the train state (optimizer moments, step, rng): resume only
+        meta/         JSON: leaf paths of both items, step, time, and recipe extras (e.g. the grain
+                      data-iterator state, so ``--resume`` continues exactly)
+      metrics.jsonl, tb/, summary.json    logs (never read back by the loader)
 
-    PATH/state/              orbax StandardCheckpointer output (the arrays)
-    PATH/jaxkd_meta.json     written last: format, step, ModelConfig, caller metadata, leaf shapes
-
-``jaxkd_meta.json`` is the commit marker: a directory without it is an interrupted save and is
-reported as such. ``save`` takes any pytree (an ``nnx.State`` / ``nnx.Module`` is stored as its
-pure dict), so the trainer can save ``{"params": ..., "opt_state": ..., "step": ...}`` through the
-same call, with JSON-able extras (e.g. a grain iterator state) in ``metadata``. ``restore`` takes a
-target tree of arrays or ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``: the arrays come back
-on exactly that layout, whatever layout they were saved from.
+Frozen weights (the embeddings under ``train.trainable=no_embed``) are not copied: they are the
+base model's, which ``run.json`` names; the loader checks that the base still has the recorded
+architecture. Arrays are stored under positional names, their pytree paths in ``meta``: a
+checkpoint that does not fit the model it is restored onto fails naming the differing entries.
+Orbax commits a step by renaming its directory into place, so a save killed half-way leaves no
+step behind. ``jaxkd.serving.load_model`` is the one reader for serving; the trainer resumes
+with ``RunCheckpointer.restore``.
 """
 
 from __future__ import annotations
@@ -18,186 +26,214 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import numpy as np
-from flax import nnx
 
-from jaxkd.config import ModelConfig, from_dict, to_dict
-
-META_FILE = "jaxkd_meta.json"
-STATE_DIR = "state"
-FORMAT = "jaxkd-checkpoint-v1"
+FORMAT = "jaxkd-run-v1"
+RUN_META = "run.json"
+CKPT_DIR = "ckpt"
+_ITEMS = ("params", "train", "meta")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable; the message names the path."""
+    """A run or checkpoint is missing, incomplete, corrupt or does not fit; the message names the path."""
 
 
-def _pure(tree: Any) -> Any:
-    if isinstance(tree, nnx.Module):
-        tree = nnx.state(tree)
-    if isinstance(tree, nnx.State):
-        return nnx.to_pure_dict(tree)
-    return tree
+# --------------------------------------------------------------------------------------------
+# run.json
+# --------------------------------------------------------------------------------------------
 
 
-def _leaf_summary(tree: Any) -> dict[str, list]:
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): [list(np.shape(x)), str(getattr(x, "dtype", type(x).__name__))]
-            for p, x in flat}
-
-
-def save(path: str | os.PathLike, tree: Any, *, step: int | None = None,
-         config: ModelConfig | None = None, metadata: Mapping[str, Any] | None = None,
-         overwrite: bool = False) -> Path:
-    """Save ``tree`` (arrays; nnx State/Module allowed) and JSON metadata to ``path``."""
-    import orbax.checkpoint as ocp
-
-    path = Path(path).absolute()
-    if path.exists():
-        if not overwrite:
-            raise CheckpointError(f"checkpoint path {path} already exists; pass overwrite=True "
-                                  f"or choose a new directory (e.g. one per step)")
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    pure = _pure(tree)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(path / STATE_DIR, pure)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "config": to_dict(config) if config is not None else None,
-        "metadata": dict(metadata or {}),
-        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "leaves": _leaf_summary(pure),
-    }
-    tmp = path / f".{META_FILE}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1, default=str))
-    os.replace(tmp, path / META_FILE)
+def write_run_meta(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """Write ``run_dir/run.json`` atomically (``format`` is added)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / RUN_META
+    tmp = path.with_name(f".{RUN_META}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"format": FORMAT, **meta}, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
     return path
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's JSON metadata; raises CheckpointError naming the path when unusable."""
-    path = Path(path).absolute()
-    if not path.exists():
-        raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
-    meta_path = path / META_FILE
-    if not meta_path.exists():
-        raise CheckpointError(f"{path} is not a complete jaxkd checkpoint: {META_FILE} is missing "
-                              f"(an interrupted save, or not a checkpoint directory)")
+def is_run_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / RUN_META).is_file()
+
+
+def read_run_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run.json`` of a run directory; CheckpointError naming the path when it is not usable."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        raise CheckpointError(f"no trained run at {run_dir}: the directory does not exist")
+    path = run_dir / RUN_META
+    if not path.is_file():
+        hint = (" (it has a ckpt/ directory: a run made by an older jaxkd without serving metadata; "
+                "train it again)") if (run_dir / CKPT_DIR).is_dir() else ""
+        raise CheckpointError(f"{run_dir} is not a jaxkd run directory: {RUN_META} is missing{hint}")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(path.read_text())
     except ValueError as e:
-        raise CheckpointError(f"{meta_path} is corrupt (not JSON: {e})") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    if not (path / STATE_DIR).is_dir():
-        raise CheckpointError(f"{path}: the array directory {STATE_DIR}/ is missing")
+        raise CheckpointError(f"{path} is corrupt (not JSON: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path}: format {got!r}, expected {FORMAT!r}")
+    for key in ("base_model", "model_config", "trainable"):
+        if key not in meta:
+            raise CheckpointError(f"{path} is incomplete: key {key!r} is missing")
     return meta
 
 
-def read_config(path: str | os.PathLike) -> ModelConfig:
-    meta = read_metadata(path)
-    if meta.get("config") is None:
-        raise CheckpointError(f"{path}: saved without a ModelConfig")
-    return from_dict(ModelConfig, meta["config"])
+# --------------------------------------------------------------------------------------------
+# Orbax checkpoints of the train state
+# --------------------------------------------------------------------------------------------
+
+
+def _flatten(tree: Any) -> tuple[list[str], list[Any]]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [jax.tree_util.keystr(p) for p, _ in leaves], [v for _, v in leaves]
 
 
 def abstract_like(tree: Any, sharding: Any = None) -> Any:
-    """A target of ``jax.ShapeDtypeStruct`` for ``restore``.
+    """``jax.ShapeDtypeStruct`` leaves (a restore target) of ``tree``.
 
-    ``sharding``: None (keep each array's own), one ``jax.sharding.Sharding`` for all leaves, or
-    a function ``(path_str, leaf) -> Sharding``.
+    ``sharding``: None (each leaf's own, the default device for leaves without one), one
+    ``jax.sharding.Sharding`` for all leaves, or ``fn(path_str, leaf) -> Sharding``.
     """
     def one(p: Any, x: Any) -> jax.ShapeDtypeStruct:
         if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
             s = sharding(jax.tree_util.keystr(p), x)
         else:
             s = sharding if sharding is not None else getattr(x, "sharding", None)
-        if s is None:  # e.g. an eval_shape leaf: put it on the default device
+        if s is None:
             s = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
 
-    return jax.tree_util.tree_map_with_path(one, _pure(tree))
+    return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def restore(path: str | os.PathLike, target: Any) -> Any:
-    """Arrays of the checkpoint at ``path`` laid out as ``target`` (a tree of arrays or
-    ShapeDtypeStructs with shardings; an nnx State/Module is taken as its pure dict)."""
-    import orbax.checkpoint as ocp
+class RunCheckpointer:
+    """Orbax checkpoints under ``<run_dir>/ckpt/<step>`` (the last ``keep``; None keeps all).
 
-    path = Path(path).absolute()
-    meta = read_metadata(path)
-    target = _pure(target)
-    want, have = _leaf_summary(target), meta.get("leaves", {})
-    if have and set(want) != set(have):
-        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        raise CheckpointError(f"{path}: the target tree does not match the saved one: target-only "
-                              f"leaves {missing[:5]}, checkpoint-only leaves {extra[:5]}")
-    for k, (shape, _) in want.items():
-        if have and list(have[k][0]) != list(shape):
-            raise CheckpointError(f"{path}: leaf {k} was saved with shape {have[k][0]}, target has {shape}")
-    target = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
-                          jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-                          target)
-    ckptr = ocp.StandardCheckpointer()
-    try:
-        return ckptr.restore(path / STATE_DIR, target)
-    except Exception as e:
-        raise CheckpointError(f"could not read the arrays of checkpoint {path} "
-                              f"({type(e).__name__}: {str(e)[:300]}); it is corrupt or incomplete") from e
-    finally:
-        ckptr.close()
-
-
-# ------------------------------------------------------------------------------------------
-# Model-level helpers
-# ------------------------------------------------------------------------------------------
-
-
-def save_model(path: str | os.PathLike, model: Any, *, step: int | None = None,
-               metadata: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Save a Decoder's parameters (``nnx.Param`` state) with its ModelConfig."""
-    return save(path, nnx.state(model, nnx.Param), step=step, config=model.cfg, metadata=metadata,
-                overwrite=overwrite)
-
-
-def restore_model(path: str | os.PathLike, model: Any = None, *,
-                  sharding: Any = None, param_dtype: Any = None, compute_dtype: Any = None) -> Any:
-    """Restore a Decoder from ``path``.
-
-    With ``model``: its state is replaced in place (keeping each array's sharding unless
-    ``sharding`` is given, see ``abstract_like``). Without: a Decoder is built from the saved
-    ModelConfig (no random init) and returned.
+    ``save(step, state, extras)`` stores ``state["params"]`` and the rest of ``state`` as separate
+    items, so a server restores the parameters without reading the optimizer state.
     """
-    if model is None:
-        import jax.numpy as jnp
 
-        from jaxkd.sharding import abstract_decoder
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int | None = None, create: bool = False):
+        import orbax.checkpoint as ocp
 
-        cfg = read_config(path)
-        model = abstract_decoder(cfg, param_dtype=param_dtype or jnp.float32,
-                                 compute_dtype=compute_dtype or jnp.float32)
-    state = nnx.state(model, nnx.Param)
-    restored = restore(path, abstract_like(state, sharding))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
-    return model
+        self._ocp = ocp
+        self.run_dir = Path(run_dir).absolute()
+        self.dir = self.run_dir / CKPT_DIR
+        if not create and not self.dir.is_dir():
+            raise CheckpointError(f"{self.run_dir} has no checkpoints: {CKPT_DIR}/ is missing (the run "
+                                  f"saved no step yet, or this is not a run directory)")
+        self.manager = ocp.CheckpointManager(
+            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
+            item_names=_ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / str(step)
+
+    def save(self, step: int, state: Mapping[str, Any], extras: Mapping[str, Any] | None = None) -> Path:
+        """Save ``state`` (a dict with ``params``) and JSON-able ``extras`` as step ``step``;
+        returns once the checkpoint is complete on disk."""
+        ocp = self._ocp
+        rest = {k: v for k, v in state.items() if k != "params"}
+        p_paths, p_leaves = _flatten(state["params"])
+        t_paths, t_leaves = _flatten(rest)
+        meta = {"format": FORMAT, "step": int(step), "params_paths": p_paths, "train_paths": t_paths,
+                "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "extras": dict(extras or {})}
+        items = {"params": ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(p_leaves)}),
+                 "meta": ocp.args.JsonSave(meta)}
+        if t_leaves:  # orbax refuses an empty item (a state of parameters only)
+            items["train"] = ocp.args.StandardSave({f"a{i:05d}": x for i, x in enumerate(t_leaves)})
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()  # a checkpoint is complete before training goes on
+        return self.step_dir(step)
+
+    def resolve_step(self, step: int | None) -> int:
+        """``step`` if saved (None: the latest); CheckpointError naming the saved steps otherwise."""
+        steps = self.all_steps()
+        if not steps:
+            raise CheckpointError(f"{self.run_dir} has no complete checkpoint under {CKPT_DIR}/ (the run "
+                                  f"saved no step yet, or its only save was interrupted)")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"{self.run_dir}: no checkpoint for step {step}; saved steps: {steps}")
+        return int(step)
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.resolve_step(step)
+        where = self.step_dir(step)
+        try:
+            meta = self.manager.restore(step, args=self._ocp.args.Composite(
+                meta=self._ocp.args.JsonRestore()))["meta"]
+        except Exception as e:
+            raise CheckpointError(f"could not read the metadata of checkpoint {where} "
+                                  f"({type(e).__name__}: {str(e)[:200]}); it is corrupt or incomplete") from e
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {where} is not in format {FORMAT!r} (made by another "
+                                  f"jaxkd version?); train the run again")
+        return meta
+
+    def _restore_item(self, step: int, item: str, template: Any, paths: list[str]) -> Any:
+        where = self.step_dir(step)
+        want, leaves = _flatten(template)
+        if not want and not paths:
+            return template
+        if want != paths:
+            diff = sorted(set(want) ^ set(paths))[:5]
+            raise CheckpointError(
+                f"checkpoint {where} does not fit this model / trainable subset ({item}: differing "
+                f"entries, e.g. {diff}); restore it with the base model and config it was trained with")
+        abstract = {f"a{i:05d}": a for i, a in enumerate(jax.tree.leaves(abstract_like(leaves)))}
+        try:
+            arrays = self.manager.restore(step, args=self._ocp.args.Composite(
+                **{item: self._ocp.args.StandardRestore(abstract)}))[item]
+        except Exception as e:
+            raise CheckpointError(f"could not read the {item} arrays of checkpoint {where} "
+                                  f"({type(e).__name__}: {str(e)[:300]}); it is corrupt or incomplete") from e
+        for (k, a), x in zip(abstract.items(), leaves):
+            if tuple(arrays[k].shape) != tuple(np.shape(x)):
+                raise CheckpointError(f"checkpoint {where}: {item} leaf {want[int(k[1:])]} has shape "
+                                      f"{arrays[k].shape}, the model has {np.shape(x)}")
+        treedef = jax.tree_util.tree_structure(template)
+        return jax.tree_util.tree_unflatten(treedef, [arrays[f"a{i:05d}"] for i in range(len(leaves))])
+
+    def restore(self, step: int | None, template: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(train state laid out like ``template``, recipe extras) of ``step`` (None: the latest)."""
+        step = self.resolve_step(step)
+        meta = self.read_meta(step)
+        params = self._restore_item(step, "params", template["params"], meta["params_paths"])
+        rest = self._restore_item(step, "train", {k: v for k, v in template.items() if k != "params"},
+                                  meta["train_paths"])
+        return {"params": params, **rest}, meta.get("extras", {})
+
+    def restore_params(self, step: int | None, template: Any) -> Any:
+        """Only the trainable parameters of ``step`` (None: the latest), laid out like ``template``
+        (arrays or ShapeDtypeStructs: restore onto any sharding)."""
+        step = self.resolve_step(step)
+        return self._restore_item(step, "params", template, self.read_meta(step)["params_paths"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+    def __enter__(self) -> "RunCheckpointer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
-def export_hf(model: Any, cfg: ModelConfig, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """Write an HF directory (config, safetensors, generation config, tokenizer) for ``model``."""
-    from jaxkd.models.params import write_hf_dir
-
-    return write_hf_dir(cfg, model.hf_tensors(), out_dir, tokenizer=tokenizer)
-
-
-__all__ = ["CheckpointError", "save", "restore", "read_metadata", "read_config", "abstract_like",
-           "save_model", "restore_model", "export_hf"]
+__all__ = ["CKPT_DIR", "CheckpointError", "FORMAT", "RUN_META", "RunCheckpointer", "abstract_like",
+           "is_run_dir", "read_run_meta", "write_run_meta"]

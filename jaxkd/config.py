@@ -522,6 +522,9 @@ class DataConfig:
     val_split: str = "val"
     questions: Literal["all", "first"] = "first"
     built_dir: str | None = None  # None: jaxkd/data/built
+    # The student's system prompt (also the teacher's, before any grounding); stored in the run and
+    # served with it. None: the default, jaxkd.data.formatting.SYSTEM_PROMPT; "": no system turn.
+    system_prompt: str | None = None
 
 
 @_frozen

@@ -444,15 +444,16 @@ def _suffix_fn(graphdef: Any, params: Any, cache: Any, ids: Any, pos: Any, seg: 
 
 def load_judge(model: str | None = None, *, config: JudgeConfig | None = None,
                cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> LLMJudge:
-    """An ``LLMJudge`` over a preset / ``.gguf`` / HF directory (``config.model`` by default);
-    with ``cache_dir``, verdicts are cached in ``<cache_dir>/<judge>.jsonl``."""
-    from jaxkd.models import load_pretrained
+    """An ``LLMJudge`` over anything ``jaxkd.serving.load_model`` takes (a preset, ``.gguf``, HF
+    directory or trained run; ``config.model`` by default); with ``cache_dir``, verdicts are cached
+    in ``<cache_dir>/<judge>.jsonl``."""
+    from jaxkd.serving import load_model
 
     config = config or JudgeConfig()
     name = model or config.model
     t0 = time.perf_counter()
-    pt = load_pretrained(name)
-    log(f"judge {pt.spec.name} loaded in {time.perf_counter() - t0:.0f}s")
+    pt = load_model(name)
+    log(f"judge {pt.name} loaded in {time.perf_counter() - t0:.0f}s from {pt.source}")
     cache = None
     if cache_dir is not None:
         cache = VerdictCache(Path(cache_dir) / f"{Path(str(name)).name}__{RUBRIC_VERSION}.jsonl")

@@ -1,45 +1,46 @@
-"""JaxkdEngine serving a trained jaxkd checkpoint found under runs/ (tiny random weights, the
-packaged student's tokenizer). Slow: resolves the packaged 0.5B tokenizer (GGUF conversion when
-not cached)."""
+"""Which model the demo engine serves: the newest trained run under runs/ (jaxkd.serving), else the
+configured model. Serving a real tiny run end to end (weights, prompt, /health) is in
+tests/test_serving.py."""
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+import time
 
-from demo.engine import JaxkdEngine, latest_checkpoint
-from demo.settings import EngineConfig
-from jaxkd.config import ModelConfig, SamplingConfig
-
-pytestmark = pytest.mark.slow
+from demo.engine import resolve_model
+from demo.settings import EngineConfig, load_demo_config
+from jaxkd.ckpt import write_run_meta
 
 
-def test_engine_serves_newest_trained_checkpoint(tmp_path):
-    from flax import nnx
+def _run(root, name, steps=(), age_s=0.0):
+    d = root / name
+    write_run_meta(d, {"base_model": {"spec": {}}, "model_config": {}, "trainable": "all"})
+    for s in steps:
+        (d / "ckpt" / str(s)).mkdir(parents=True)
+        t = time.time() - age_s
+        os.utime(d / "ckpt" / str(s), (t, t))
+    return d
 
-    from jaxkd import ckpt
-    from jaxkd.models import resolve_hf_dir, resolve_spec
-    from jaxkd.models.decoder import Decoder
-    from jaxkd.models.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(resolve_hf_dir(resolve_spec("qwen2.5-coder-0.5b-instruct")))
-    cfg = ModelConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_layers=1,
-                      num_heads=2, num_kv_heads=1, qkv_bias=True, eos_token_ids=(151645,))
-    model = Decoder(cfg, rngs=nnx.Rngs(0))
-    ckpt.save_model(tmp_path / "runs" / "kd-tiny" / "step_10", model, step=10)
-    assert latest_checkpoint(tmp_path / "runs") == tmp_path / "runs" / "kd-tiny" / "step_10"
+def test_engine_prefers_the_newest_trained_run(tmp_path):
+    runs = tmp_path / "runs"
+    cfg = EngineConfig(runs_dir=str(runs), model="some-preset")
+    assert resolve_model(cfg) == "some-preset"                       # no runs/ at all
+    _run(runs, "started-only")                                         # run.json, no checkpoint yet
+    (runs / "teacher_cache" / "topk").mkdir(parents=True)              # not a run
+    _run(runs, "partial", steps=["3.orbax-checkpoint-tmp-77"])        # only an interrupted save
+    assert resolve_model(cfg) == "some-preset"
+    old = _run(runs, "old", steps=[10, 20], age_s=100)
+    assert resolve_model(cfg) == str(old)
+    new = _run(runs, "new", steps=[5])
+    assert resolve_model(cfg) == str(new)
+    nested = _run(runs / "ablation", "newest", steps=[1])
+    assert resolve_model(cfg) == str(nested)
+    off = EngineConfig(runs_dir=str(runs), model="some-preset", prefer_trained_checkpoint=False)
+    assert resolve_model(off) == "some-preset"
 
-    engine = JaxkdEngine(EngineConfig(runs_dir=str(tmp_path / "runs"), max_seq_len=512,
-                                      sampling=SamplingConfig(max_new_tokens=6)))
-    assert "kd-tiny/step_10" in engine.name and "trained" in engine.name
-    served = engine.generator.model
-    np.testing.assert_array_equal(np.asarray(served.embed_tokens.weight[...]),
-                                  np.asarray(model.embed_tokens.weight[...]))
-    assert engine.warmup() > 0
-    ids = engine.generator._chat_ids(engine.messages("my earbuds will not pair", "earbuds"))
-    assert "(Device: earbuds)" in tok.decode(ids)
-    text = "".join(engine.stream("my earbuds will not pair", device="earbuds"))
-    # The streamed deltas add up to the greedy generation of the restored weights.
-    out = engine.generator.generate([ids], engine.cfg.sampling)
-    assert text == tok.decode(out.tokens[0], skip_special_tokens=True)
-    assert 1 <= out.new_tokens <= 6
+
+def test_demo_config_serves_the_models_own_prompt_by_default():
+    cfg = load_demo_config()
+    assert cfg.engine.system_prompt is None  # the run's prompt, else jaxkd.data.formatting.SYSTEM_PROMPT
+    assert load_demo_config(overrides=["engine.system_prompt=Be brief."]).engine.system_prompt == "Be brief."

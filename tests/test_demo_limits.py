@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from typing import Iterator
 
 import pytest
 
-from demo.engine import ScriptedEngine, as_numbered_markdown, count_steps, latest_checkpoint
+from demo.engine import ScriptedEngine, as_numbered_markdown, count_steps
 from demo.errors import DemoError
 from demo.limits import ClientLimiter, GenerationQueue, client_key
 from demo.settings import LimitsConfig, load_demo_config
@@ -133,20 +132,3 @@ def test_config_errors_name_the_key():
         load_demo_config(overrides=["limits.queue_sise=3"])
     with pytest.raises(ConfigError, match="stt.lexicon"):
         load_demo_config(overrides=["devices=[any, toasters]"])
-
-
-def test_latest_checkpoint_prefers_newest_export(tmp_path):
-    assert latest_checkpoint(tmp_path / "missing") is None
-    old = tmp_path / "run1" / "export"
-    old.mkdir(parents=True)
-    (old / "config.json").write_text("{}")
-    (old / "model.safetensors").write_bytes(b"x")
-    (tmp_path / "run1" / "notes").mkdir()
-    (tmp_path / "run1" / "notes" / "config.json").write_text("{}")  # no weights: ignored
-    new = tmp_path / "run2" / "ckpt" / "100"
-    (new / "state").mkdir(parents=True)
-    (new / "state" / "_METADATA").write_text("{}")  # orbax's own files are not the marker
-    (new / "jaxkd_meta.json").write_text("{}")
-    import os
-    os.utime(old, (time.time() - 100, time.time() - 100))
-    assert latest_checkpoint(tmp_path) == new

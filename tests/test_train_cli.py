@@ -69,15 +69,16 @@ def test_teacher_then_kd_then_resume(presets, capsys, monkeypatch):
     summary = json.loads((root / "runs" / "cli" / "summary.json").read_text())
     assert summary["resumed_from"] == 2 and len(summary["losses"]) == 1
 
-    # evals load a run directory as the preset with the checkpoint's trained parameters on top
+    # the one loader serves the run: the preset with the checkpoint's trained parameters on top
     import numpy as np
 
     from jaxkd.models import load_pretrained
-    from jaxkd.train.state import load_trained_student
+    from jaxkd.serving import load_model
 
-    trained, step, cfg_dict = load_trained_student(root / "runs" / "cli")
+    trained = load_model(root / "runs" / "cli")
     base = load_pretrained(str(p["student"]))
-    assert step == 3 and cfg_dict["train"]["steps"] == 3
+    cfg_dict = json.loads((root / "runs" / "cli" / "config.json").read_text())
+    assert trained.step == 3 and cfg_dict["train"]["steps"] == 3
     w = lambda m: np.asarray(m.layers[0].mlp.up_proj.weight[...])  # noqa: E731
     e = lambda m: np.asarray(m.embed_tokens.weight[...])  # noqa: E731
     assert not np.array_equal(w(trained.model), w(base.model))   # trained

@@ -1,4 +1,5 @@
-"""KD loop on tiny random models: exact kill-and-resume, NaN stop, domain re-weighting, batches."""
+"""The KD recipe on the trainer, tiny random models: exact kill-and-resume, NaN stop, domain
+re-weighting, batch alignment, sharded == single device."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pytest
 
 from jaxkd.config import (DistillConfig, DomainSamplingConfig, RunConfig, SamplingConfig,
                           TeacherConfig, TrainConfig)
+from jaxkd.ckpt import RunCheckpointer
+from jaxkd.data.loader import kd_batch, kd_eval_batches
+from jaxkd.distill import kd as K
 from jaxkd.distill import teacher as T
-from jaxkd.distill.cache import TeacherCache, make_batch
+from jaxkd.distill.cache import TeacherCache
 from jaxkd.distill.sampling import DomainSampler
-from jaxkd.train import loop as L
 from jaxkd.train import state as st
+from jaxkd.train import trainer as TR
 from test_train_fixtures import TOKENIZER_VOCAB, byte_tokenizer, tiny_decoder, tiny_records
 
 MAX_LEN = 448
@@ -70,12 +74,16 @@ def _run(root, name, tok, records, **kw):
     hook = kw.pop("batch_hook", None)
     resume = kw.pop("resume", False)
     cfg = _cfg(root, name, **kw)
-    return L.run_kd(cfg, pretrained=_student(tok), records=records, batch_hook=hook, resume=resume,
+    return K.run_kd(cfg, pretrained=_student(tok), records=records, batch_hook=hook, resume=resume,
                     log=lambda s: None, progress=False)
 
 
+def _flat(res: K.KDResult) -> dict:
+    return {**res.summary, "final_params": res.state["params"], "frozen": res.frozen}
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, tok, records):
-    full = _run(cache_dir, "full", tok, records)
+    full = _flat(_run(cache_dir, "full", tok, records))
     assert len(full["losses"]) == 6 and np.isfinite(full["losses"]).all()
     assert full["losses"][-1] < full["losses"][0]  # it learns
 
@@ -86,8 +94,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, 
 
     with pytest.raises(KeyboardInterrupt):
         _run(cache_dir, "killed", tok, records, batch_hook=kill_at_3)
-    killed = L.run_kd  # noqa: F841 (the run above left checkpoints 2 behind)
-    resumed = _run(cache_dir, "killed", tok, records, resume=True)
+    resumed = _flat(_run(cache_dir, "killed", tok, records, resume=True))
     assert resumed["resumed_from"] == 2
     assert resumed["losses"] == full["losses"][2:]  # bit-exact, sampler + weights + optimizer restored
     assert resumed["sampler"] == full["sampler"]
@@ -109,26 +116,27 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
                                               batch["topk_logprobs"]).astype(np.float32)
         return batch
 
-    with pytest.raises(L.NonFiniteLoss, match=r"became nan at step 3.*Last good checkpoint: .*ckpt/2"):
+    with pytest.raises(TR.NonFiniteLoss, match=r"became nan at step 3.*Last good checkpoint: .*ckpt/2"):
         _run(cache_dir, "nan", tok, records, batch_hook=poison)
-    ck = st.Checkpointer(cache_dir / "runs" / "nan" / "ckpt", keep=5)
-    assert ck.latest_step() == 2
-    ck.close()
+    with RunCheckpointer(cache_dir / "runs" / "nan") as ck:
+        assert ck.latest_step() == 2 and ck.all_steps() == [2]  # nothing saved at or after the bad step
+    rows = [json.loads(s) for s in (cache_dir / "runs" / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in rows if "train/loss" in r) == 3  # the bad step was not logged either
     resumed = _run(cache_dir, "nan", tok, records, resume=True)  # the checkpoint restores and trains on
     full = _run(cache_dir, "nan-ref", tok, records)
-    assert resumed["losses"] == full["losses"][2:]
+    assert resumed.summary["losses"] == full.summary["losses"][2:]
 
 
 def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, tok, records):
     cfg = _cfg(cache_dir, "rw")
     model = tiny_decoder(seed=5)
     graphdef, params, frozen = st.split_model(model, "no_embed")
-    val, _ = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
-    eval_fn = L.make_eval_step(graphdef, TOKENIZER_VOCAB)
+    val, _ = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
+    eval_fn = K.make_eval_step(graphdef, TOKENIZER_VOCAB)
     # Plant: teacher == the student itself on "audio" and "wearable"; a far-off teacher on "network".
     for ex in val:
-        b = make_batch([ex], MAX_LEN, 4)
-        logits = L.student_logits(graphdef, params, frozen, b, TOKENIZER_VOCAB)
+        b = kd_batch([ex], MAX_LEN, 4)
+        logits = K.student_logits(graphdef, params, frozen, b, TOKENIZER_VOCAB)
         lp = jax.nn.log_softmax(logits[0], axis=-1)
         top_v, top_i = jax.lax.top_k(lp, 4)
         n = len(ex.ids) - ex.prompt_len
@@ -138,10 +146,10 @@ def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, 
             ex.topk_logprobs = np.tile(np.log(np.array([[0.97, 0.01, 0.01, 0.005]], np.float32)), (n, 1))
         else:
             ex.topk_ids, ex.topk_logprobs = np.asarray(top_i[rows]), np.asarray(top_v[rows])
-    vb = L.batches(val, 2, MAX_LEN, 4)
+    vb = kd_eval_batches(val, 2, MAX_LEN, 4)
     sampler = DomainSampler([ex.meta["category"] for ex in val], seed=0)
     prior = sampler.prior()
-    rec = L.reweight_domains(eval_fn, params, frozen, vb, [ex.meta["category"] for ex in val], sampler, cfg)
+    rec = K.reweight_domains(eval_fn, params, frozen, vb, [ex.meta["category"] for ex in val], sampler, cfg)
     assert rec["gaps"]["network"] > 10 * max(rec["gaps"]["audio"], rec["gaps"]["wearable"])
     assert rec["gaps"]["audio"] < 1e-4  # teacher == student: no gap
     w = sampler.weights
@@ -155,9 +163,9 @@ def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, 
 
 def test_batch_alignment_puts_entry_j_on_the_position_predicting_answer_token_j(cache_dir, tok, records):
     cfg = _cfg(cache_dir, "align")
-    ex = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])[0][0]
+    ex = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])[0][0]
     cache = TeacherCache(cfg.teacher.cache_dir)
-    b = make_batch([ex], MAX_LEN, 4)
+    b = kd_batch([ex], MAX_LEN, 4)
     p = ex.prompt_len
     n = len(ex.ids) - p
     assert b["loss_mask"][0].sum() == n and b["loss_mask"][0, p - 2] == 0 and b["loss_mask"][0, p - 1] == 1
@@ -166,7 +174,7 @@ def test_batch_alignment_puts_entry_j_on_the_position_predicting_answer_token_j(
     # the teacher's greedy token j is its own top-1 at entry j
     np.testing.assert_array_equal(b["topk_ids"][0, p - 1:p - 1 + n, 0], ex.ids[p:])
     # truncation: a window that cuts the answer keeps prompt+answer prefix aligned
-    short = make_batch([ex], p + 3, 4)
+    short = kd_batch([ex], p + 3, 4)
     assert short["loss_mask"][0].sum() == 4  # positions p-1..p+2 predict answer tokens 0..3
     np.testing.assert_array_equal(short["topk_ids"][0, p - 1:p + 3], ex.topk_ids[:4])
     np.testing.assert_array_equal(short["targets"][0, p - 1:p + 3], ex.ids[p:p + 4])
@@ -188,15 +196,15 @@ def test_grounded_teacher_student_inputs_hold_no_grounding(tmp_path, tok, record
     seq = jnp.asarray([t_prompt + entry.target_ids])
     t_logits, _ = teacher(seq, jnp.arange(seq.shape[1])[None])
     t_logp = jax.nn.log_softmax(t_logits[0, :, :TOKENIZER_VOCAB], axis=-1)
-    ex = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:1])[0][0]
-    b = make_batch([ex], MAX_LEN, 4)
+    ex = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:1])[0][0]
+    b = kd_batch([ex], MAX_LEN, 4)
     for j in range(len(entry.target_ids)):
         s_pos, t_pos = len(s_prompt) - 1 + j, len(t_prompt) - 1 + j
         ids = b["topk_ids"][0, s_pos]
         assert b["targets"][0, s_pos] == entry.target_ids[j] and b["loss_mask"][0, s_pos] == 1
         np.testing.assert_array_equal(ids, np.asarray(jax.lax.top_k(t_logp[t_pos], 4)[1]))
         np.testing.assert_allclose(b["topk_logprobs"][0, s_pos], np.asarray(t_logp[t_pos])[ids], atol=1e-2)
-    exs, missing = L.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
+    exs, missing = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
     assert len(exs) == 3 and missing == 0
     for ex, rec in zip(exs, records["train"][:3]):
         text = tok.decode(ex.ids[:ex.prompt_len])
@@ -226,13 +234,18 @@ def test_sharded_run_matches_single_device(cache_dir, tok, records):
     single = _run(cache_dir, "mesh-ref", tok, records, steps=3, ckpt_every=0)
     cfg = _cfg(cache_dir, "mesh", steps=3, ckpt_every=0)
     cfg = RunConfig(**{**cfg.__dict__, "mesh": MeshConfig(data=1, fsdp=2, tensor=1)})
-    mesh = L.make_run_mesh(cfg)
+    mesh = TR.make_mesh(1, 2, 1, cfg.train.batch_size)
     model = shd.build_decoder(tiny_config(), mesh, seed=5)
     emb = model.embed_tokens.weight[...]
     assert len(emb.sharding.device_set) == 2
-    sharded = L.run_kd(cfg, pretrained=types.SimpleNamespace(model=model, tokenizer=tok), records=records,
+    sharded = K.run_kd(cfg, pretrained=types.SimpleNamespace(model=model, tokenizer=tok), records=records,
                        log=lambda s: None, progress=False)
-    np.testing.assert_allclose(sharded["losses"], single["losses"], rtol=2e-5)
+    np.testing.assert_allclose(sharded.summary["losses"], single.summary["losses"], rtol=2e-5)
+    # the trained parameters stay laid out on the mesh (the explicit out_shardings of the step)
+    q = sharded.state["params"]["layers"][0]["self_attn"]["q_proj"]["weight"][...]
+    assert len(q.sharding.device_set) == 2 and not q.sharding.is_fully_replicated
+    np.testing.assert_allclose(np.asarray(q), np.asarray(single.state["params"]["layers"][0]["self_attn"]
+                                                          ["q_proj"]["weight"][...]), rtol=1e-4, atol=1e-6)
 
 
 def test_lora_fails_early_with_a_clear_message_when_qwix_cannot_wrap_the_projections():
@@ -252,7 +265,8 @@ def test_lora_through_qwix_trains_only_adapters(cache_dir, tok, records):
     base = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
             jax.tree_util.tree_flatten_with_path(st.split_model(student.model, "all")[1])[0]}
     cfg = _cfg(cache_dir, "lora", steps=4, ckpt_every=0, trainable="lora", lr=1e-2, lora_rank=4)
-    out = L.run_kd(cfg, pretrained=student, records=records, log=lambda s: None, progress=False)
+    out = K.run_kd(cfg, pretrained=student, records=records, log=lambda s: None, progress=False)
+    out = _flat(out)
     assert out["losses"][-1] < out["losses"][0]
     names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(out["final_params"])[0]]
     assert names and all("lora" in n for n in names)
@@ -266,10 +280,10 @@ def test_lora_through_qwix_trains_only_adapters(cache_dir, tok, records):
 
 def test_summary_and_final_generation_against_teacher_answers(cache_dir, tok, records):
     out = _run(cache_dir, "summ", tok, records, steps=1, ckpt_every=0)
-    gen = L.final_generation(out, out["val_examples_list"], tok, n=2, max_new_tokens=4)
+    gen = K.final_generation(out, n=2, max_new_tokens=4)
     assert gen["n"] == 2 and 0.0 <= gen["rougeL"] <= 1.0 and gen["exact_match"] in (0.0, 0.5, 1.0)
-    assert gen["samples"][0]["teacher"] == out["val_examples_list"][0].answer
-    L.write_summary(cache_dir / "runs" / "summ", out)
+    assert gen["samples"][0]["teacher"] == out.val_examples[0].answer
+    K.write_summary(cache_dir / "runs" / "summ", out.summary)
     saved = json.loads((cache_dir / "runs" / "summ" / "summary.json").read_text())
     assert set(saved["val_per_domain"]) == {"audio", "network", "wearable"}
     assert saved["val"]["kl"] > 0 and "final_params" not in saved
@@ -286,8 +300,8 @@ def test_committed_text_answers_allow_response_kd_only(cache_dir, tok, records):
                              "teacher": TeacherConfig(**{**cfg.teacher.__dict__, "cache_dir": str(empty),
                                                          "answers_dir": str(path.parent)}),
                              "distill": DistillConfig(alpha=1.0, use_cache=False)})
-    out = L.run_kd(text_only, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
-    assert len(out["losses"]) == 2 and out["train_examples"] == len(records["train"])
+    out = K.run_kd(text_only, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
+    assert len(out.summary["losses"]) == 2 and out.summary["train_examples"] == len(records["train"])
     soft = RunConfig(**{**text_only.__dict__, "distill": DistillConfig(alpha=0.5)})
     with pytest.raises(FileNotFoundError, match="stage=teacher"):
-        L.run_kd(soft, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
+        K.run_kd(soft, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)

@@ -196,3 +196,117 @@ class ChatLoader:
                              "several examples")
         return [self.examples[i].get("meta") if i >= 0 else None
                 for i in np.asarray(batch["example_index"]).tolist()]
+
+
+# --------------------------------------------------------------------------------------------
+# KD batches: teacher answers with their top-k distributions, drawn by the domain-aware sampler
+# --------------------------------------------------------------------------------------------
+
+# log-prob put in padded top-k slots: finite (no NaN through masked gradients), negligible mass
+PAD_LOGPROB = -30.0
+
+
+def kd_row(ex: Any, *, max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
+    """One right-padded KD row of ``ex`` (anything with ``ids``, ``prompt_len``, ``topk_ids``,
+    ``topk_logprobs``, ``example_id``: a ``jaxkd.distill.cache.KDExample``).
+
+    Position t predicts ``targets[t]`` = ids[t + 1]. ``loss_mask`` (float32) is 1 exactly where the
+    target is a teacher answer token (or its end-of-turn), and ``topk_*[t]`` is the teacher
+    distribution for that target (top-k entry ``t - prompt_len + 1``). An answer longer than the
+    window is cut; prompt tokens are never targets.
+    """
+    t = max_len
+    if ex.prompt_len >= t:
+        raise ValueError(f"{ex.example_id}: prompt of {ex.prompt_len} tokens fills train.max_len {t}")
+    row = {"input_ids": np.zeros(t, np.int32), "positions": np.zeros(t, np.int32),
+           "segment_ids": np.zeros(t, np.int32), "targets": np.zeros(t, np.int32),
+           "loss_mask": np.zeros(t, np.float32)}
+    n_in = min(len(ex.ids), t)
+    row["input_ids"][:n_in] = ex.ids[:n_in]
+    row["positions"][:n_in] = np.arange(n_in)
+    row["segment_ids"][:n_in] = 1
+    n_tgt = min(len(ex.ids), t + 1) - 1   # positions 0..n_tgt-1 have a next token in the window
+    row["targets"][:n_tgt] = ex.ids[1:n_tgt + 1]
+    first = ex.prompt_len - 1             # the position predicting answer token 0
+    row["loss_mask"][first:n_tgt] = 1.0
+    if top_k:
+        if ex.topk_ids is None or ex.topk_ids.shape[1] < top_k:
+            raise ValueError(f"{ex.example_id}: teacher cache has no top-{top_k} logits")
+        row["topk_ids"] = np.zeros((t, top_k), np.int32)
+        row["topk_logprobs"] = np.full((t, top_k), PAD_LOGPROB, np.float32)
+        n = n_tgt - first
+        row["topk_ids"][first:n_tgt] = ex.topk_ids[:n, :top_k]
+        row["topk_logprobs"][first:n_tgt] = ex.topk_logprobs[:n, :top_k]
+    return row
+
+
+def kd_batch(examples: Sequence[Any], max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
+    """``[B, T]`` (and ``[B, T, k]``) arrays of ``kd_row`` for each example, stacked."""
+    rows = [kd_row(ex, max_len=max_len, top_k=top_k) for ex in examples]
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+class _SampledIterator(grain.DatasetIterator):
+    def __init__(self, source: grain.MapDataset, sampler: Any):
+        super().__init__()
+        self._source, self._sampler = source, sampler
+
+    def __next__(self) -> Any:
+        return self._source[int(self._sampler.next_indices(1)[0])]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"sampler": self._sampler.get_state()}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._sampler.set_state(state["sampler"])
+
+
+class SampledDataset(grain.IterDataset):
+    """Elements of ``source`` in the order an index sampler draws them, one draw per element.
+
+    ``sampler`` has ``next_indices(n)``, ``get_state()`` and ``set_state(state)`` (e.g.
+    ``jaxkd.distill.sampling.DomainSampler``); it is shared, not copied, so a trainer hook that
+    re-weights it changes every later draw. Its state (draw count and current weights) is the
+    iterator's state. Nothing reads ahead (no prefetch), so a re-weighting between two batches
+    takes effect from the next one. One live iterator per dataset.
+    """
+
+    def __init__(self, source: grain.MapDataset, sampler: Any):
+        super().__init__(source)
+        self._source, self.sampler = source, sampler
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _SampledIterator(self._source, self.sampler)
+
+    def __str__(self) -> str:
+        return f"SampledDataset(sampler={type(self.sampler).__name__})"
+
+
+def kd_dataset(examples: Sequence[Any], sampler: Any, *, batch_size: int, max_len: int, top_k: int = 0,
+               grad_accum: int = 1) -> grain.IterDataset:
+    """The KD training pipeline: examples drawn by ``sampler`` -> ``kd_row`` -> batches of
+    ``batch_size`` (-> groups of ``grad_accum`` micro-batches, ``[A, B, ...]``, when > 1).
+
+    Endless (the sampler draws with replacement); ``iter(ds).get_state()`` is JSON-able and
+    ``set_state`` resumes the exact next batch.
+    """
+    rows = grain.MapDataset.source(list(examples)).map(
+        functools.partial(kd_row, max_len=max_len, top_k=top_k))
+    ds = SampledDataset(rows, sampler).batch(batch_size, drop_remainder=True)
+    return ds.batch(grad_accum, drop_remainder=True) if grad_accum > 1 else ds
+
+
+def kd_eval_batches(examples: Sequence[Any], batch_size: int, max_len: int, top_k: int = 0) -> list[dict]:
+    """Fixed-size batches over ``examples`` in order; the last one is filled with copies of its
+    first row that are fully masked, and ``rows`` (bool ``[B]``) marks the real ones."""
+    rows = grain.MapDataset.source(list(examples)).map(
+        functools.partial(kd_row, max_len=max_len, top_k=top_k)).batch(batch_size)
+    out = []
+    for b in rows:
+        real = b["input_ids"].shape[0]
+        if real < batch_size:
+            b = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)]) for k, v in b.items()}
+            b["loss_mask"][real:] = 0.0
+        b["rows"] = np.arange(batch_size) < real
+        out.append(b)
+    return out

@@ -176,12 +176,8 @@ def load_exported(path: str | os.PathLike) -> tuple[dict, dict[str, TeacherEntry
 
 
 # --------------------------------------------------------------------------------------------
-# Student batches from cached answers
+# Student examples from cached answers (batched by jaxkd.data.loader.kd_dataset)
 # --------------------------------------------------------------------------------------------
-
-# log-prob put in padded top-k slots: finite (no NaN through masked gradients), negligible mass
-PAD_LOGPROB = -30.0
-
 
 @dataclasses.dataclass
 class KDExample:
@@ -212,40 +208,3 @@ def kd_example(entry: TeacherEntry, prompt_ids: Sequence[int], cache: TeacherCac
     return KDExample(example_id=entry.example_id, meta=entry.meta, ids=ids, prompt_len=len(prompt_ids),
                      topk_ids=tk_ids, topk_logprobs=tk_lp, student_messages=entry.student_messages,
                      answer=entry.answer)
-
-
-def make_batch(examples: Sequence[KDExample], max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
-    """Right-padded ``[B, T]`` arrays; position t predicts ``targets[t]`` = ids[t + 1].
-
-    ``loss_mask`` is 1 exactly where the target is a teacher answer token (or its end-of-turn),
-    and ``topk_*[b, t]`` is the teacher distribution for that target (top-k entry
-    ``t - prompt_len + 1``). Answers longer than the window are cut; prompt tokens are never
-    targets.
-    """
-    b, t = len(examples), max_len
-    out = {
-        "input_ids": np.zeros((b, t), np.int32), "positions": np.zeros((b, t), np.int32),
-        "segment_ids": np.zeros((b, t), np.int32), "targets": np.zeros((b, t), np.int32),
-        "loss_mask": np.zeros((b, t), np.float32),
-    }
-    if top_k:
-        out["topk_ids"] = np.zeros((b, t, top_k), np.int32)
-        out["topk_logprobs"] = np.full((b, t, top_k), PAD_LOGPROB, np.float32)
-    for i, ex in enumerate(examples):
-        n_in = min(len(ex.ids), t)
-        if ex.prompt_len >= t:
-            raise ValueError(f"{ex.example_id}: prompt of {ex.prompt_len} tokens fills train.max_len {t}")
-        out["input_ids"][i, :n_in] = ex.ids[:n_in]
-        out["positions"][i, :n_in] = np.arange(n_in)
-        out["segment_ids"][i, :n_in] = 1
-        n_tgt = min(len(ex.ids), t + 1) - 1   # positions 0..n_tgt-1 have a next token in the window
-        out["targets"][i, :n_tgt] = ex.ids[1:n_tgt + 1]
-        first = ex.prompt_len - 1             # position predicting answer token 0
-        out["loss_mask"][i, first:n_tgt] = 1.0
-        if top_k:
-            if ex.topk_ids is None or ex.topk_ids.shape[1] < top_k:
-                raise ValueError(f"{ex.example_id}: teacher cache has no top-{top_k} logits")
-            n = n_tgt - first
-            out["topk_ids"][i, first:n_tgt] = ex.topk_ids[:n, :top_k]
-            out["topk_logprobs"][i, first:n_tgt] = ex.topk_logprobs[:n, :top_k]
-    return out

@@ -253,9 +253,10 @@ def teacher_prompts(cfg: RunConfig, split: str, *, limit: int | None = None,
 
         records = load_records(split, built_dir=cfg.data.built_dir)
     lim = tc.limit_per_split.get(split, 0) if limit is None else limit
+    system = SYSTEM_PROMPT if cfg.data.system_prompt is None else cfg.data.system_prompt
     out = []
     for rec, qi in select_prompts(records, tc.questions, lim):
-        student = prompt_messages(rec, qi, SYSTEM_PROMPT)
+        student = prompt_messages(rec, qi, system)
         teacher = teacher_messages(student, rec, tc.grounding)
         out.append(PromptItem(key=cache_key(tc.preset, teacher, tc.sampling, tc.grounding), split=split,
                               record=rec, question_index=qi, student_messages=student,

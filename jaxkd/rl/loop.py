@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from jaxkd.config import GRPOConfig, TrainConfig
@@ -114,7 +115,15 @@ def run_grpo(model: nnx.Module, tokenizer: Any, next_prompts: Callable[[int], li
     ctx = contextlib.nullcontext() if mesh is None else mesh_context(mesh)
 
     graphdef, params, frozen = st.split_model(model, train.trainable)
+    # This loop's step (make_grpo_step) is not the trainer's TrainStep yet: it takes clipping and
+    # gradient accumulation from the optimizer, which st.make_optimizer no longer includes (the
+    # trainer step does both, with one gradient norm). Until stage=grpo runs on the trainer,
+    # rebuild the chain this loop was written and tested with.
     tx = st.make_optimizer(train)
+    if train.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(train.clip_norm), tx)
+    if train.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=train.grad_accum)
     state = st.init_state(params, tx, train.seed)
     extra: dict[str, Any] = {"frozen": frozen}
     if cfg.beta > 0:

@@ -1,16 +1,13 @@
-"""Student train state: trainable/frozen split, optimiser, and orbax checkpoints.
+"""What of a model trains, and how: the trainable/frozen split, LoRA, the optimizer and schedule.
 
-The state handed to the jitted step is a plain pytree ``{"params", "opt_state", "step", "rng"}``:
-``params`` are only the trainable parameters (an ``nnx.State``); everything else of the model is
-``frozen`` and passed separately, never differentiated. Checkpoints hold the train state (not the
-frozen weights, which come from the student preset) plus a JSON side car with the sampler / data
-state, so ``--resume`` continues exactly.
+The train state (``init_state``) holds only the trainable parameters (an
+``nnx.State``); everything else of the model is ``frozen``, passed to the step as a non-donated
+input and never differentiated. Checkpoints (``jaxkd.ckpt``) store the train state, not the frozen
+weights, which come from the base model.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -84,125 +81,38 @@ def learning_rate(cfg: TrainConfig) -> optax.Schedule:
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with warmup+cosine and global-norm clipping; gradient accumulation via MultiSteps.
+    """AdamW with warmup + cosine (or constant) schedule; one update per train step.
 
-    One optimizer update = one train step; with ``grad_accum`` = n the loop feeds n micro-batches
-    per step and the schedule advances once per step.
+    Global-norm clipping (``train.clip_norm``) and gradient accumulation (``train.grad_accum``)
+    happen in the train step (``jaxkd.train.trainer``), which computes the gradient norm once.
     """
-    parts = []
-    if cfg.clip_norm > 0:
-        parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-    parts.append(optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, eps=1e-8,
-                             weight_decay=cfg.weight_decay))
-    tx = optax.chain(*parts)
-    if cfg.grad_accum > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-    return tx
+    return optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay)
 
 
-def init_state(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-            "rng": jax.random.key_data(jax.random.key(seed))}
+def init_state(params: Any, tx: optax.GradientTransformation, seed: int, mesh: Any = None) -> dict:
+    """``{"params", "opt_state", "step", "rng"}``; on a mesh, every leaf is placed explicitly
+    (optimizer moments like their parameter, scalars replicated)."""
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+             "rng": jax.random.key_data(jax.random.key(seed))}
+    if mesh is None:
+        return state
+    return jax.device_put(state, state_shardings(state, tx, mesh))
 
 
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
+def state_shardings(state: Mapping[str, Any], tx: optax.GradientTransformation, mesh: Any) -> dict:
+    """The layout of a train state on ``mesh``: params keep theirs (set by the model's logical
+    axes), optimizer moments follow their parameter, everything else is replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-def _flatten(tree: Any) -> tuple[list[str], list[Any]]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [jax.tree_util.keystr(p) for p, _ in leaves], [v for _, v in leaves]
+    def own(x: Any) -> Any:
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated
 
-
-class Checkpointer:
-    """Orbax checkpoints of the train state under ``<run_dir>/ckpt/<step>`` (last ``keep`` kept).
-
-    Arrays are stored under positional names with their pytree paths in the JSON side car, which
-    is checked on restore: a changed model or trainable filter fails with a clear message.
-    """
-
-    def __init__(self, directory: str | Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.dir = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("arrays", "meta"))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
-
-    def save(self, step: int, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-        ocp = self._ocp
-        paths, leaves = _flatten(state)
-        arrays = {f"a{i:05d}": leaf for i, leaf in enumerate(leaves)}
-        meta = {**meta, "paths": paths, "step": int(step)}
-        self.manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()  # a checkpoint is complete before training goes on
-
-    def restore(self, step: int, template: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Restore ``step`` onto the structure (and shardings) of ``template``."""
-        ocp = self._ocp
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        paths, leaves = _flatten(template)
-        if meta["paths"] != paths:
-            diff = sorted(set(meta["paths"]) ^ set(paths))[:5]
-            raise ValueError(f"checkpoint {self.dir}/{step} does not match this model / trainable filter "
-                             f"(differing entries, e.g. {diff}); resume with the config it was made with")
-        abstract = {f"a{i:05d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                                       sharding=getattr(x, "sharding", None))
-                    for i, x in enumerate(leaves)}
-        arrays = self.manager.restore(step, args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(abstract)))["arrays"]
-        treedef = jax.tree_util.tree_structure(template)
-        state = jax.tree_util.tree_unflatten(treedef, [arrays[f"a{i:05d}"] for i in range(len(leaves))])
-        return state, meta
-
-    def close(self) -> None:
-        self.manager.close()
-
-
-def save_run_config(run_dir: Path, cfg_dict: Mapping[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg_dict, indent=1, sort_keys=True))
-
-
-def load_trained_student(run_dir: str | Path, step: int | None = None) -> tuple[Any, int, dict]:
-    """(Pretrained with the run's trained parameters, checkpoint step, run config dict).
-
-    Loads the run's student preset, then overwrites its trainable parameters with those of the
-    checkpoint (latest unless ``step``); the optimizer state is read abstractly and dropped.
-    """
-    from jaxkd.config import RunConfig, from_dict
-    from jaxkd.models import load_pretrained
-
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} not found: {run_dir} is not a jaxkd.train run directory")
-    cfg_dict = json.loads(cfg_path.read_text())
-    cfg = from_dict(RunConfig, cfg_dict)
-    pt = load_pretrained(cfg.student, compute_dtype=cfg.train.compute_dtype)
-    model = pt.model
-    if cfg.train.trainable == "lora":
-        model = apply_lora(model, cfg.train.lora_rank, cfg.train.lora_alpha, cfg.train.seed)
-        pt.model = model
-    _, params, _ = split_model(model, cfg.train.trainable)
-    tx = make_optimizer(cfg.train)
-    template = {"params": params, "opt_state": jax.eval_shape(tx.init, params),
-                "step": jax.ShapeDtypeStruct((), jnp.int32),
-                "rng": jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))}
-    ckpt = Checkpointer(run_dir / "ckpt", keep=10**6)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint under {run_dir / 'ckpt'}")
-    restored, _ = ckpt.restore(step, template)
-    ckpt.close()
-    nnx.update(model, restored["params"])
-    return pt, int(step), cfg_dict
+    params_sh = jax.tree.map(own, state["params"])
+    opt_sh = optax.tree_map_params(tx, lambda _, s: s, state["opt_state"], params_sh,
+                                   transform_non_params=lambda _: replicated)
+    rest = {k: jax.tree.map(lambda _: replicated, v) for k, v in state.items()
+            if k not in ("params", "opt_state")}
+    return {"params": params_sh, "opt_state": opt_sh, **rest}

@@ -1,0 +1,329 @@
+"""The KD recipe (``stage=kd``) on the generic trainer: loss, data, hooks, run directory.
+
+The student sees only its own prompt (no grounding) followed by the teacher's answer tokens; the
+loss (``kd_loss``) is ``kd_objective`` on the answer positions against the cached top-k teacher
+distribution. Batches come from the grain pipeline of ``jaxkd.data.loader.kd_dataset``, with
+examples drawn by the domain-aware ``DomainSampler``; its state (draws + weights) is the data
+iterator's state and goes into every checkpoint, so ``--resume`` continues exactly.
+
+Hooks, in order: domain re-weighting before the step (every ``domain_sampling.every_steps``),
+then after it NaN stop, loss record, metrics (+ parameter norm), progress, checkpoint, validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxkd.ckpt import RunCheckpointer
+from jaxkd.config import DistillConfig, RunConfig
+from jaxkd.data.loader import kd_dataset, kd_eval_batches
+from jaxkd.distill.cache import KDExample, TeacherCache, kd_example, load_exported
+from jaxkd.distill.losses import TopK, align_vocab, cross_entropy, kd_objective, soft_kd_topk
+from jaxkd.distill.sampling import DomainSampler, gaps_to_weights, per_domain_mean
+from jaxkd.distill.teacher import answers_export_path, chat_ids, real_vocab_size, teacher_prompts
+from jaxkd.train import hooks as H
+from jaxkd.train import state as st
+from jaxkd.train.metrics import MetricsLogger, per_domain_table
+from jaxkd.train.run_meta import prepare_run_dir
+from jaxkd.train.trainer import Hook, make_mesh, make_param_norm, make_train_step, mesh_context, run_loop
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions
+# --------------------------------------------------------------------------------------------
+
+
+def student_logits(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+                   batch: Mapping[str, jax.Array], vocab: int) -> jax.Array:
+    model = nnx.merge(graphdef, params, frozen)
+    logits_btv, _ = model(batch["input_ids"], batch["positions"], segment_ids_bt=batch["segment_ids"])
+    return align_vocab(logits_btv, vocab)
+
+
+def kd_loss(params: nnx.State, batch: Mapping[str, jax.Array], extra: Mapping[str, Any], rng: jax.Array,
+            *, graphdef: nnx.GraphDef, dist: DistillConfig, vocab: int) -> tuple[jax.Array, dict]:
+    """The trainer's ``loss_fn`` for KD: ``extra["frozen"]`` holds the non-trainable variables."""
+    del rng  # deterministic objective
+    logits_btv = student_logits(graphdef, params, extra["frozen"], batch, vocab)
+    teacher = TopK(batch["topk_ids"], batch["topk_logprobs"]) if "topk_ids" in batch else None
+    return kd_objective(logits_btv, batch["targets"], batch["loss_mask"], teacher_topk=teacher,
+                        alpha=dist.alpha, kind=dist.loss, temperature=dist.temperature, beta=dist.beta)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, vocab: int) -> Callable:
+    """Per-example imitation metrics: forward KL to the teacher top-k (T=1) and CE, each ``[B]``."""
+
+    def row(logits_tv, targets_t, mask_t, ids_tk, lp_tk):
+        kl, _ = soft_kd_topk(logits_tv[None], TopK(ids_tk[None], lp_tk[None]), mask_t[None],
+                             kind="forward_kl", temperature=1.0)
+        ce, m = cross_entropy(logits_tv[None], targets_t[None], mask_t[None])
+        return kl, ce, m["token_accuracy"]
+
+    def evaluate(params, frozen, batch):
+        logits_btv = student_logits(graphdef, params, frozen, batch, vocab)
+        kl_b, ce_b, acc_b = jax.vmap(row)(logits_btv, batch["targets"], batch["loss_mask"],
+                                          batch["topk_ids"], batch["topk_logprobs"])
+        return {"kl": kl_b, "ce": ce_b, "token_accuracy": acc_b}
+
+    return jax.jit(evaluate)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_kd_examples(cfg: RunConfig, split: str, tokenizer: Any, *, need_topk: bool,
+                     records: Sequence[Mapping] | None = None) -> tuple[list[KDExample], int]:
+    """Student examples for ``split`` from the teacher cache (or the committed text answers when
+    only response KD is asked for). Returns (examples, prompts without a teacher answer)."""
+    items = teacher_prompts(cfg, split, records=records)
+    cache = TeacherCache(cfg.teacher.cache_dir)
+    entries = dict(cache.entries())
+    source: TeacherCache | None = cache
+    if not any(it.key in entries for it in items):
+        exported = answers_export_path(cfg)
+        if need_topk or not exported.exists():
+            raise FileNotFoundError(
+                f"no teacher answers for split {split!r} in {cache.dir} (teacher {cfg.teacher.preset}, "
+                f"grounding={cfg.teacher.grounding}); run `python -m jaxkd.train --config ... stage=teacher` "
+                + ("first" if need_topk else f"first, or commit {exported}"))
+        entries = load_exported(exported)[1]
+        source = None
+    out, missing = [], 0
+    for it in items:
+        entry = entries.get(it.key)
+        if entry is None:
+            missing += 1
+            continue
+        out.append(kd_example(entry, chat_ids(tokenizer, entry.student_messages), source if need_topk else None))
+    return out, missing
+
+
+def trained_system_prompt(examples: Sequence[KDExample]) -> str | None:
+    """The one system prompt of the student's training prompts (None: they have no system turn)."""
+    prompts = {(ex.student_messages[0]["content"] if ex.student_messages and
+                ex.student_messages[0]["role"] == "system" else None) for ex in examples}
+    if len(prompts) != 1:
+        raise ValueError(f"the training prompts use {len(prompts)} different system prompts; a student "
+                         "is served with one, so train it with one")
+    return prompts.pop()
+
+
+def _domains(examples: Sequence[KDExample], key: str) -> list[str]:
+    return [str(ex.meta[key]) for ex in examples]
+
+
+# --------------------------------------------------------------------------------------------
+# Hooks
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_examples(eval_fn: Callable, params, frozen, val_batches: Sequence[dict],
+                      mesh: Any = None) -> dict[str, np.ndarray]:
+    """Per-example val metrics (``kl``, ``ce``, ``token_accuracy``) over all real rows."""
+    acc: dict[str, list] = {}
+    for b in val_batches:
+        feed = {k: v for k, v in b.items() if k != "rows"}
+        with mesh_context(mesh):
+            out = jax.device_get(eval_fn(params, frozen, feed))
+        for k, v in out.items():
+            acc.setdefault(k, []).append(np.asarray(v)[b["rows"]])
+    return {k: np.concatenate(v) for k, v in acc.items()}
+
+
+def reweight_domains(eval_fn: Callable, params, frozen, val_batches: Sequence[dict],
+                     val_domains: Sequence[str], sampler: DomainSampler, cfg: RunConfig,
+                     mesh: Any = None) -> dict:
+    """Measure the per-subdomain KL gap on val and re-weight ``sampler``; returns the log record.
+
+    Subdomains without val examples keep their prior's share (their gap is unmeasured).
+    """
+    ds = cfg.domain_sampling
+    per_ex = evaluate_examples(eval_fn, params, frozen, val_batches, mesh)
+    gaps = per_domain_mean(per_ex["kl"].tolist(), list(val_domains))
+    gaps = {d: g for d, g in gaps.items() if d in sampler.counts}
+    weights = gaps_to_weights(gaps, sampler.counts, tau=ds.tau, floor=ds.floor, cap=ds.cap)
+    sampler.set_weights(weights)
+    return {"gaps": gaps, "weights": weights, "prior": sampler.prior(), "val_kl": float(per_ex["kl"].mean())}
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class KDResult:
+    """A finished KD run: ``summary`` (JSON-able, what summary.json holds) and the live state."""
+
+    summary: dict[str, Any]
+    state: dict
+    graphdef: nnx.GraphDef
+    frozen: nnx.State
+    tokenizer: Any
+    val_examples: list[KDExample]
+
+    def model(self) -> Any:
+        """The trained student (a Decoder sharing the final parameters)."""
+        return nnx.merge(self.graphdef, self.state["params"], self.frozen)
+
+
+def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
+           records: Mapping[str, Sequence[Mapping]] | None = None,
+           batch_hook: Callable[[int, dict], dict] | None = None,
+           log: Callable[[str], None] = print, progress: bool = True) -> KDResult:
+    """Train the student (``stage=kd``) into ``cfg.run_dir``. ``pretrained`` (model + tokenizer)
+    and ``records`` (split -> records) replace the preset / built data in tests;
+    ``batch_hook(step, batch)`` may edit a batch before the step (tests plant bad values)."""
+    tc, dc, dist = cfg.train, cfg.data, cfg.distill
+    need_topk = dist.use_cache and dist.alpha < 1.0 or (dist.use_cache and cfg.teacher.top_k > 0)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, tc.batch_size)
+    if pretrained is None:
+        from jaxkd.models import load_pretrained
+
+        t0 = time.perf_counter()
+        pretrained = load_pretrained(cfg.student, compute_dtype=tc.compute_dtype, mesh=mesh)
+        log(f"loaded student {cfg.student} in {time.perf_counter() - t0:.0f}s")
+    model, tokenizer = pretrained.model, pretrained.tokenizer
+    vocab = real_vocab_size(tokenizer, model.cfg.vocab_size)
+    top_k = cfg.teacher.top_k if need_topk else 0
+
+    recs = records or {}
+    train, miss_t = load_kd_examples(cfg, dc.train_split, tokenizer, need_topk=need_topk,
+                                     records=recs.get(dc.train_split))
+    val, miss_v = (load_kd_examples(cfg, dc.val_split, tokenizer, need_topk=True, records=recs.get(dc.val_split))
+                   if top_k else ([], 0))
+    if cfg.domain_sampling.val_examples:
+        val = val[:cfg.domain_sampling.val_examples]
+    log(f"KD data: {len(train)} train examples ({miss_t} prompts without a teacher answer), "
+        f"{len(val)} val examples ({miss_v} without)")
+    if not train:
+        raise ValueError("no training examples with teacher answers")
+    key = cfg.domain_sampling.key
+    sampler = DomainSampler(_domains(train, key), seed=tc.seed)
+    data = iter(kd_dataset(train, sampler, batch_size=tc.batch_size, max_len=tc.max_len, top_k=top_k,
+                           grad_accum=tc.grad_accum))
+    val_batches = kd_eval_batches(val, tc.batch_size, tc.max_len, top_k) if val else []
+
+    if tc.trainable == "lora":
+        model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed)
+    graphdef, params, frozen = st.split_model(model, tc.trainable)
+    tx = st.make_optimizer(tc)
+    state = st.init_state(params, tx, tc.seed, mesh)
+    log(f"trainable={tc.trainable}: {st.count(params):,} trainable / {st.count(frozen):,} frozen values")
+    step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab), tx,
+                              clip_norm=tc.clip_norm, grad_accum=tc.grad_accum, mesh=mesh)
+    eval_fn = make_eval_step(graphdef, vocab) if val_batches else None
+
+    run_dir = cfg.run_dir
+    ckpt = RunCheckpointer(run_dir, keep=tc.keep, create=True)
+    start = 0
+    if resume:
+        latest = ckpt.latest_step()
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.dir}")
+        state, extras = ckpt.restore(latest, state)
+        data.set_state(extras["data"])
+        start = latest
+        log(f"resumed from {ckpt.step_dir(latest)} at step {start}")
+    elif ckpt.latest_step() is not None:
+        raise FileExistsError(f"{ckpt.dir} already holds checkpoints; pass --resume to continue "
+                              f"or choose another name= / runs_dir=")
+    system_prompt = trained_system_prompt(train)
+    prepare_run_dir(cfg, recipe="kd", pretrained=pretrained, model_cfg=model.cfg, tokenizer=tokenizer,
+                    system_prompt=system_prompt)
+
+    logger = MetricsLogger(run_dir)
+    losses: list[float] = []
+    hooks: list[Hook] = []
+    if eval_fn is not None and cfg.domain_sampling.enabled:
+        def reweight(info):
+            rec = reweight_domains(eval_fn, info.state["params"], frozen, val_batches, _domains(val, key),
+                                   sampler, cfg, mesh)
+            logger.log(info.step, rec, prefix="reweight/")
+            log(f"step {info.step}: re-weighted {key}: " + ", ".join(
+                f"{d} gap {rec['gaps'].get(d, float('nan')):.3f} w {w:.3f}" for d, w in rec["weights"].items()))
+        hooks.append(Hook(reweight, every=cfg.domain_sampling.every_steps, before=True, name="reweight"))
+    hooks += [H.stop_on_non_finite(ckpt), H.record(losses),
+              H.log_metrics(logger, every=tc.log_every, lr=st.learning_rate(tc), param_norm=make_param_norm(),
+                            ckpt=ckpt)]
+    close_bar = None
+    if progress:
+        bar, close_bar = H.progress_bar(start, tc.steps, "kd")
+        hooks.append(bar)
+    hooks.append(H.save_checkpoints(ckpt, every=tc.ckpt_every, extras=lambda: {"data": data.get_state()}))
+    if eval_fn is not None and tc.eval_every:
+        def validate(info):
+            if info.step < info.last:  # the final validation goes into the summary
+                per_ex = evaluate_examples(eval_fn, info.state["params"], frozen, val_batches, mesh)
+                logger.log(info.step, {k: float(v.mean()) for k, v in per_ex.items()}, prefix="val/")
+        hooks.append(Hook(validate, every=tc.eval_every, name="val"))
+
+    source = data if batch_hook is None else (lambda step, _state: batch_hook(step, next(data)))
+    t_loop = time.perf_counter()
+    try:
+        state = run_loop(step_fn, state, source=source, extra={"frozen": frozen}, start=start,
+                         steps=tc.steps, hooks=hooks)
+    finally:
+        logger.close()
+        ckpt.close()
+        if close_bar is not None:
+            close_bar()
+
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir), "steps": tc.steps, "resumed_from": start if resume else None,
+        "train_examples": len(train), "val_examples": len(val), "trainable": tc.trainable,
+        "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
+        "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
+    if eval_fn is not None:
+        per_ex = evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh)
+        summary["val"] = {k: float(v.mean()) for k, v in per_ex.items()}
+        summary["val_per_domain"] = per_domain_table({k: v.tolist() for k, v in per_ex.items()},
+                                                     _domains(val, key))
+    return KDResult(summary=summary, state=state, graphdef=graphdef, frozen=frozen, tokenizer=tokenizer,
+                    val_examples=val)
+
+
+def final_generation(result: KDResult, n: int, max_new_tokens: int, batch_size: int = 8) -> dict[str, Any]:
+    """The trained student answers ``n`` val prompts greedily; ROUGE-L / exact match to the teacher."""
+    from jaxkd.config import SamplingConfig
+    from jaxkd.models.generate import Generator
+    from jaxkd.train.metrics import exact_match, rouge_l
+
+    gen = Generator(result.model(), result.tokenizer, max_seq_len=1024, prompt_bucket=64)
+    chosen = list(result.val_examples[:n])
+    answers: list[str] = []
+    for i in range(0, len(chosen), batch_size):
+        answers += gen.chat([ex.student_messages for ex in chosen[i:i + batch_size]],
+                            SamplingConfig(max_new_tokens=max_new_tokens))
+    refs = [ex.answer for ex in chosen]
+    rl, em = rouge_l(answers, refs), exact_match(answers, refs)
+    return {"n": len(chosen), "rougeL": float(np.mean(rl)), "exact_match": float(np.mean(em)),
+            "samples": [{"id": ex.example_id, "student": a, "teacher": r}
+                        for ex, a, r in zip(chosen[:4], answers, refs)]}
+
+
+def write_summary(run_dir: Any, summary: Mapping[str, Any]) -> None:
+    """summary.json (scalars) and summary.md (per-subdomain table) in ``run_dir``."""
+    import json
+    from pathlib import Path
+
+    from jaxkd.train.metrics import markdown_table
+
+    run_dir = Path(run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(dict(summary), indent=1, default=str))
+    if "val_per_domain" in summary:
+        (run_dir / "summary.md").write_text(
+            f"# KD run {run_dir.name}\n\nval: {summary['val']}\n\n" + markdown_table(summary["val_per_domain"]))
+
+
+__all__ = ["KDResult", "final_generation", "kd_loss", "load_kd_examples", "make_eval_step", "reweight_domains",
+           "run_kd", "student_logits", "trained_system_prompt", "write_summary"]
