@@ -156,7 +156,7 @@ def _load_checkpoint(path: Path, base: str) -> tuple[object, object]:
     from jaxkd.models.tokenizer import load_tokenizer
 
     try:
-        from jaxkd.sharding import abstract_decoder
+        from jaxkd.models import abstract_decoder
 
         # A shape-only Decoder as the target (restore_model(path) without one trips over the
         # read-only Decoder.inv_freq property in this jaxkd version).

@@ -180,7 +180,7 @@ def restore_model(path: str | os.PathLike, model: Any = None, *,
     if model is None:
         import jax.numpy as jnp
 
-        from jaxkd.sharding import abstract_decoder
+        from jaxkd.models import abstract_decoder
 
         cfg = read_config(path)
         model = abstract_decoder(cfg, param_dtype=param_dtype or jnp.float32,

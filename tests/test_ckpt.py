@@ -14,7 +14,7 @@ from flax import nnx
 from jaxkd import ckpt
 from jaxkd import sharding as shd
 from jaxkd.config import ModelConfig
-from jaxkd.models import params
+from jaxkd.models import build_decoder, params
 from jaxkd.models.decoder import Decoder
 
 CFG = ModelConfig(vocab_size=264, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
@@ -62,7 +62,7 @@ def test_restore_onto_other_sharding_bit_identical(saved, tmp_path):
     model, path = saved
     assert len(jax.devices()) == 8
     mesh = shd.make_mesh(fsdp=4, tensor=2)
-    sharded = shd.build_decoder(CFG, mesh, seed=5)
+    sharded = build_decoder(CFG, mesh, seed=5)
     ckpt.restore_model(path, sharded)
     want, got = flat_params(model), flat_params(sharded)
     q = next(k for k in got if "q_proj" in k and "weight" in k)
