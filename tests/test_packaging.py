@@ -70,17 +70,18 @@ def test_wheel_of_this_checkout_carries_jaxkd_demo_and_evals(tmp_path):
 
 
 def test_installed_packages_import_from_outside_the_checkout(tmp_path):
-    out = _import_probe(tmp_path, prefix="import jaxkd, sys; print(jaxkd.__file__, file=sys.stderr)\n")
-    if out["rc"] != 0:
-        where = subprocess.run([sys.executable, "-c", "import jaxkd; print(jaxkd.__file__)"],
-                               cwd=tmp_path, env=_env(), capture_output=True, text=True)
-        pytest.fail("outside the checkout, importing jaxkd/demo/evals failed; the installed jaxkd is "
-                    f"{where.stdout.strip() or 'missing'}. Refresh the install from this checkout "
-                    f"(`make setup`, or `pip install --no-deps -e .`).\n{out['stderr']}")
-    installed = Path(out["files"]["jaxkd"]).parent.parent
-    if installed.resolve() != ROOT:
+    where = subprocess.run([sys.executable, "-c", "import jaxkd; print(jaxkd.__file__)"], cwd=tmp_path,
+                           env=_env(), capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, ("jaxkd is not installed in this environment (`make setup`): "
+                                   + where.stderr[-2000:])
+    installed = Path(where.stdout.strip()).resolve().parent.parent
+    if installed != ROOT:
         pytest.skip(f"the environment's jaxkd is installed from another checkout ({installed}); "
                     f"this test checks the install of {ROOT} (a clean clone's `make test` does)")
+    out = _import_probe(tmp_path)
+    assert out["rc"] == 0, ("outside the checkout, importing jaxkd/demo/evals failed: refresh the "
+                            "install from this checkout (`make setup`, or `pip install --no-deps -e .`)"
+                            f"\n{out['stderr']}")
     for mod, file in out["files"].items():
         assert Path(file).resolve().is_relative_to(ROOT), (mod, file)
     # The demo's default config is found from anywhere (it is read from the checkout).
