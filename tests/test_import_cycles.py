@@ -14,6 +14,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -117,6 +119,15 @@ def test_no_import_cycles_among_jaxkd_modules():
     assert len(graph) > 30 and graph["jaxkd.models.decoder"], "the scan found no jaxkd modules"
     cycles = find_cycles(graph)
     assert not cycles, "import cycles among jaxkd modules:\n" + "\n".join(
+        cycle_path(graph, c) for c in cycles)
+
+
+@pytest.mark.parametrize("package", ["demo", "evals"])
+def test_no_import_cycles_in_the_demo_and_evals(package):
+    graph = import_graph(ROOT, package)
+    assert len(graph) > 3, f"the scan found no {package} modules"
+    cycles = find_cycles(graph)
+    assert not cycles, f"import cycles among {package} modules:\n" + "\n".join(
         cycle_path(graph, c) for c in cycles)
 
 
