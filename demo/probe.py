@@ -1,6 +1,6 @@
 """Voice-path latency probe: spoken questions over the websocket, timed from the end of the upload.
 
-    python -m demo.probe [--engine scripted|jaxkd] [--questions 5] [--reps 5] [--warmup 1]
+    python -m demo.probe [--engine scripted|jaxkd ...] [--questions 5] [--reps 5] [--warmup 1]
                          [--url ws://127.0.0.1:PORT/ws] [--out evals/results/voice_probe] [key=value ...]
 
 Each question (``demo.testing.SPOKEN_QUESTIONS``, spoken by espeak-ng at 160 wpm) goes to ``/ws``
@@ -119,8 +119,7 @@ def probe(url: str, questions: Sequence[tuple[str, str]], reps: int, warmup: int
         log(f"[probe] {text[:50]!r}: " + ", ".join(
             f"{m} min {row[m]['min']} median {row[m]['median']}" for m in METRICS))
     every = {m: [x[m] for q in per_q for x in q["raw"]] for m in METRICS}
-    return {"questions": per_q, "overall": {m: _summary(v) for m, v in every.items()},
-            "reps": reps, "warmup": warmup}
+    return {"questions": per_q, "overall": {m: _summary(v) for m, v in every.items()}}
 
 
 def _versions() -> dict[str, str]:
@@ -137,36 +136,80 @@ def _versions() -> dict[str, str]:
 def to_markdown(res: dict[str, Any]) -> str:
     lines = ["# Voice path probe: spoken question -> transcript -> answer tokens", "",
              f"- Command: `{res['command']}`", f"- Machine: {res['machine']}", f"- Date: {res['date']}",
-             f"- Server: {res['server']}", f"- Engine: {res['engine']}; STT: {res['stt_model']}",
-             f"- Settings: {res['settings']}",
              "- Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
              f"- Method: each question is one espeak-ng WAV (160 wpm) sent as a binary frame to `/ws`, "
              f"one request at a time on a fresh socket; times run from the moment the frame was handed "
              f"to the socket (end of upload). Per question {res['warmup']} untimed warm-up request(s), "
-             f"then {res['reps']} timed ones: min and median in seconds.",
-             f"- 1-minute load average before the run: {res['loadavg_1m_before']} (shared machine).", "",
-             "| question | audio s | -> final transcript | -> first token | -> last token | tokens | transcript (WER) |",
-             "|---|---|---|---|---|---|---|"]
-    for q in res["questions"]:
-        cell = lambda s: f"{s['min']} / {s['median']}"  # noqa: E731
-        lines.append(f"| {q['question']} | {q['audio_s']} | {cell(q['transcript_final_s'])} | "
-                     f"{cell(q['first_token_s'])} | {cell(q['last_token_s'])} | {q['answer_tokens']} | "
-                     f"{q['transcript']} ({q['transcript_wer']}) |")
-    o = res["overall"]
-    lines += [f"| **all {o['first_token_s']['n']} timed requests** | | "
-              f"**{o['transcript_final_s']['min']} / {o['transcript_final_s']['median']}** | "
-              f"**{o['first_token_s']['min']} / {o['first_token_s']['median']}** | "
-              f"**{o['last_token_s']['min']} / {o['last_token_s']['median']}** | | |", "",
-              "Cells: min / median seconds from the end of the upload. Rerun: the command above "
-              "(add `--url ws://127.0.0.1:PORT/ws` to probe a running `python -m demo`)."]
-    return "\n".join(lines) + "\n"
+             f"then {res['reps']} timed ones. Cells: min / median seconds.",
+             "- Rerun: the command above; `--url ws://127.0.0.1:PORT/ws` probes a running "
+             "`python -m demo` instead of an in-process app.", ""]
+    cell = lambda s: f"{s['min']} / {s['median']}"  # noqa: E731
+    for run in res["runs"]:
+        o = run["overall"]
+        lines += [f"## Engine: {run['engine']}", "",
+                  f"- Server: {run['server']}; STT: {run['stt_model']}", f"- Settings: {run['settings']}",
+                  f"- 1-minute load average before this run: {run['loadavg_1m_before']} (shared machine).",
+                  "", "| question | audio s | -> final transcript | -> first token | -> last token | "
+                  "tokens | transcript (WER) |", "|---|---|---|---|---|---|---|"]
+        for q in run["questions"]:
+            lines.append(f"| {q['question']} | {q['audio_s']} | {cell(q['transcript_final_s'])} | "
+                         f"{cell(q['first_token_s'])} | {cell(q['last_token_s'])} | {q['answer_tokens']} | "
+                         f"{q['transcript']} ({q['transcript_wer']}) |")
+        lines += [f"| **all {o['first_token_s']['n']} timed requests** | | "
+                  f"**{cell(o['transcript_final_s'])}** | **{cell(o['first_token_s'])}** | "
+                  f"**{cell(o['last_token_s'])}** | | |", ""]
+    return "\n".join(lines)
+
+
+def _in_process(engine: str, overrides: Sequence[str], stack: ExitStack, log) -> dict[str, Any]:
+    """Start the real app for ``engine`` on 127.0.0.1; its URL and a description of the run."""
+    import os
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from demo.app import Services, create_app
+    from demo.loadtest import LoopbackServer
+    from demo.settings import load_demo_config
+
+    cfg = load_demo_config(overrides=[f"engine.kind={engine}", "limits.ask_rate=100000/minute",
+                                      "limits.transcribe_rate=100000/minute", *overrides])
+    t0 = time.perf_counter()
+    svc = Services.build(cfg)
+    stack.callback(svc.queue.close)
+    built = time.perf_counter() - t0
+    log(f"[probe] app built in {built:.1f} s (engine {svc.engine.name}, warm-up {svc.warmup_seconds:.1f} s)")
+    srv = stack.enter_context(LoopbackServer(create_app(svc), 2 * cfg.limits.max_body_bytes))
+    s = cfg.engine.sampling
+    settings = (f"engine.kind={cfg.engine.kind}, max_new_tokens {s.max_new_tokens}, temperature "
+                f"{s.temperature}"
+                + (f", scripted delay {cfg.engine.scripted_token_delay_s} s/word"
+                   if cfg.engine.kind == "scripted" else f", prompt_bucket {cfg.engine.prompt_bucket}")
+                + f"; STT beam {cfg.stt.beam_size}, {cfg.stt.compute_type}, initial prompt "
+                f"{cfg.stt.use_initial_prompt}, hotwords {cfg.stt.use_hotwords}; rate limits lifted; "
+                f"overrides {list(overrides) or 'none'}; app start {built:.1f} s (warm-up "
+                f"{svc.warmup_seconds:.1f} s)")
+    return {"url": f"ws://127.0.0.1:{srv.port}/ws", "engine": svc.engine.name, "stt_model": cfg.stt.model,
+            "settings": settings,
+            "server": "in-process app (`demo.app.create_app`, Gradio UI mounted) on 127.0.0.1"}
+
+
+def _running(url: str) -> dict[str, Any]:
+    import httpx
+
+    u = urlparse(check_local(url))
+    try:
+        health = httpx.get(f"http://{u.hostname}:{u.port}/health", timeout=10).json()
+    except (httpx.HTTPError, ValueError) as e:
+        raise ProbeError(f"no demo answers /health at {u.hostname}:{u.port} ({type(e).__name__}); "
+                         f"start one with `python -m demo` or drop --url") from None
+    return {"url": url, "engine": health.get("engine"), "stt_model": health.get("stt_model"),
+            "settings": "as the running demo is configured", "server": f"a running demo at {url}"}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.probe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--engine", choices=["scripted", "jaxkd"], default="scripted",
-                   help="in-process app only (default scripted: no weights)")
+    p.add_argument("--engine", action="append", choices=["scripted", "jaxkd"],
+                   help="in-process app; repeat to probe several in turn (default: scripted, no weights)")
     p.add_argument("--url", default=None, help="probe a running demo on this machine instead")
     p.add_argument("--questions", type=int, default=5, help="how many of demo.testing.SPOKEN_QUESTIONS")
     p.add_argument("--reps", type=int, default=5, help="timed requests per question (>= 5)")
@@ -177,68 +220,36 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from demo.loadtest import LoopbackServer, machine
+    from demo.loadtest import machine
     from demo.testing import SPOKEN_QUESTIONS
 
     if not 1 <= args.questions <= len(SPOKEN_QUESTIONS):
         p.error(f"--questions must be 1..{len(SPOKEN_QUESTIONS)}")
+    if args.url and (args.overrides or args.engine):
+        p.error("--engine and config overrides apply to the in-process app, not to --url")
     questions = [(d, q) for d, q in SPOKEN_QUESTIONS[: args.questions]]
-    command = "python -m demo.probe " + " ".join(argv if argv is not None else sys.argv[1:])
-    load_before = round(os.getloadavg()[0], 2)
+    command = ("python -m demo.probe " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    runs = []
     try:
-        with ExitStack() as stack:
-            if args.url:
-                if args.overrides:
-                    p.error("config overrides apply to the in-process app only, not to --url")
-                url = check_local(args.url)
-                import httpx
-
-                u = urlparse(url)
-                health = httpx.get(f"http://{u.hostname}:{u.port}/health", timeout=10).json()
-                engine, stt_model, settings = health.get("engine"), health.get("stt_model"), "as served"
-                server = f"a running demo at {url}"
-            else:
-                os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-                from demo.app import Services, create_app
-                from demo.settings import load_demo_config
-
-                cfg = load_demo_config(overrides=[f"engine.kind={args.engine}",
-                                                  "limits.ask_rate=100000/minute",
-                                                  "limits.transcribe_rate=100000/minute",
-                                                  *args.overrides])
-                t0 = time.perf_counter()
-                svc = Services.build(cfg)
-                stack.callback(svc.queue.close)
-                log(f"[probe] app built in {time.perf_counter() - t0:.1f} s "
-                    f"(engine {svc.engine.name}, warm-up {svc.warmup_seconds:.1f} s)")
-                srv = stack.enter_context(LoopbackServer(create_app(svc), 2 * cfg.limits.max_body_bytes))
-                url = f"ws://127.0.0.1:{srv.port}/ws"
-                engine, stt_model = svc.engine.name, cfg.stt.model
-                s = cfg.engine.sampling
-                settings = (f"in-process app (`demo.app.create_app`, UI mounted) on 127.0.0.1; "
-                            f"engine.kind={cfg.engine.kind}, max_new_tokens {s.max_new_tokens}, "
-                            f"temperature {s.temperature}"
-                            + (f", scripted delay {cfg.engine.scripted_token_delay_s} s/word"
-                               if cfg.engine.kind == "scripted" else "")
-                            + f"; STT beam {cfg.stt.beam_size}, {cfg.stt.compute_type}, "
-                            f"initial prompt {cfg.stt.use_initial_prompt}, hotwords {cfg.stt.use_hotwords}; "
-                            f"overrides {list(args.overrides) or 'none'}")
-                server = "in-process"
-            res = probe(url, questions, args.reps, args.warmup, log=log)
+        for engine in ([None] if args.url else (args.engine or ["scripted"])):
+            load_before = round(os.getloadavg()[0], 2)
+            with ExitStack() as stack:
+                where = _running(args.url) if args.url else _in_process(engine, args.overrides, stack, log)
+                res = probe(where.pop("url"), questions, args.reps, args.warmup, log=log)
+            runs.append({**where, "loadavg_1m_before": load_before, **res})
     except ProbeError as e:
         print(f"demo.probe: {e}", file=sys.stderr)
         return 2
-    res.update({"command": command.strip(), "machine": machine(), "versions": _versions(),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "server": server,
-                "engine": engine, "stt_model": stt_model, "settings": settings,
-                "loadavg_1m_before": load_before})
-    md = to_markdown(res)
+    out_res = {"command": command, "machine": machine(), "versions": _versions(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "reps": args.reps, "warmup": args.warmup, "runs": runs}
+    md = to_markdown(out_res)
     print(md)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+        out.with_suffix(".json").write_text(json.dumps(out_res, indent=1) + "\n")
         out.with_suffix(".md").write_text(md)
     return 0
 

@@ -16,6 +16,9 @@ def test_only_local_websocket_urls():
         with pytest.raises(probe.ProbeError, match="on this machine"):
             probe.check_local(bad)
     assert probe.main(["--url", "ws://example.com/ws", "--out", ""]) == 2
+    assert probe.main(["--url", "ws://127.0.0.1:9/ws", "--out", ""]) == 2  # nothing listening
+    with pytest.raises(SystemExit):  # an in-process engine and a URL at once
+        probe.main(["--url", "ws://127.0.0.1:1/ws", "--engine", "jaxkd", "--out", ""])
 
 
 @pytest.mark.skipif(not espeak_available(), reason="espeak-ng missing: run `make system-deps`")
@@ -26,13 +29,14 @@ def test_probe_times_transcript_then_tokens_and_writes_report(tmp_path, monkeypa
     assert probe.main(["--questions", "1", "--reps", "5", "--warmup", "0", "--out", str(out),
                        "engine.scripted_token_delay_s=0.01", "tts.enabled=false"]) == 0
     res = json.loads(out.with_suffix(".json").read_text())
-    (q,) = res["questions"]
-    assert res["engine"] == "scripted" and len(q["raw"]) == 5
+    (run,) = res["runs"]
+    (q,) = run["questions"]
+    assert run["engine"] == "scripted" and len(q["raw"]) == 5 and res["reps"] == 5
     assert "earbuds" in q["transcript"].lower() and q["transcripts_identical"]
     for r in q["raw"]:  # the order the server promises: transcript, tokens, done
         assert 0 < r["transcript_final_s"] <= r["first_token_s"] <= r["last_token_s"] <= r["done_s"]
     assert q["answer_tokens"] > 10 and q["answer"].startswith("1. ")
     for m in probe.METRICS:
-        assert q[m]["min"] <= q[m]["median"] and res["overall"][m]["n"] == 5
+        assert q[m]["min"] <= q[m]["median"] and run["overall"][m]["n"] == 5
     md = out.with_suffix(".md").read_text()
     assert "| my bluetooth earbuds keep disconnecting from my laptop |" in md and "Machine:" in md
