@@ -281,7 +281,7 @@ def to_markdown(res: dict[str, Any], command: str) -> str:
         "# Speech-to-text word error rate (voice demo path)", "",
         f"- Command: `{command}`", f"- Machine: {res['machine']}", f"- Date: {res['date']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items()),
-        f"- STT: `{res['stt']['model']}` ({Path(res['stt_model_dir']).name}), compute {res['stt']['compute_type']}, "
+        f"- STT: `{res['stt']['model']}` (CTranslate2 dir `{res['stt_model_dir']}`), compute {res['stt']['compute_type']}, "
         f"beam {res['stt']['beam_size']}, VAD {res['stt']['vad']}, through `demo.stt.load_audio` + "
         "`Transcriber` exactly as the demo serves (configs/demo.yaml; the lexicon goes in as the "
         f"initial prompt{', plus hotwords' if res['stt']['use_hotwords'] else ''}).",
@@ -334,10 +334,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "stt_wer"), help="writes OUT.json and OUT.md")
     p.add_argument("--cache", default=None,
                    help="JSONL of finished items: resume an interrupted run (it is appended to)")
+    p.add_argument("--report", action="store_true", help="only rebuild OUT.md from OUT.json")
     p.add_argument("overrides", nargs="*", help="demo config overrides, e.g. stt.model=packaged:base")
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n must be >= 1")
+    out = Path(args.out)
+    if args.report:
+        res = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(to_markdown(res, res["command"]))
+        return 0
     conds = CONDITIONS
     if args.conditions:
         try:
@@ -352,7 +358,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     command = "python -m evals.stt_wer " + " ".join(argv if argv is not None else sys.argv[1:])
     md = to_markdown(res, command.strip())
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**res, "command": command.strip()}, indent=1) + "\n")
     out.with_suffix(".md").write_text(md)

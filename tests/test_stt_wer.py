@@ -70,3 +70,7 @@ def test_small_run_transcribes_scores_and_resumes_from_its_cache(tmp_path, monke
     assert [i["hypothesis"] for i in again["items"]] == [i["hypothesis"] for i in res["items"]]
     md = W.to_markdown(again, "test")
     assert "oracle" in md and "| en-us 160 wpm |" in md
+    out = tmp_path / "stt_wer"
+    out.with_suffix(".json").write_text(json.dumps({**again, "command": "test"}))
+    assert W.main(["--report", "--out", str(out)]) == 0
+    assert out.with_suffix(".md").read_text() == md
