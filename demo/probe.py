@@ -105,13 +105,14 @@ def probe(url: str, questions: Sequence[tuple[str, str]], reps: int, warmup: int
         for r in runs:
             if "first_token_s" not in r or r.get("transcript_final_s") is None:
                 raise ProbeError(f"a request for {text!r} ended without a final transcript or tokens: {r}")
-        with wave.open(io.BytesIO(wav)) as w:
-            audio_s = w.getnframes() / w.getframerate()
+        with wave.open(io.BytesIO(wav)) as w:  # espeak-ng's streamed header has no frame count:
+            frame = w.getsampwidth() * w.getnchannels()  # count the frames actually there
+            audio_s = len(w.readframes(w.getnframes())) / frame / w.getframerate()
         row = {"device": device, "question": text, "wav_bytes": len(wav), "audio_s": round(audio_s, 2),
                "transcript": runs[-1]["transcript"],
                "transcript_wer": round(word_error_rate([text], [runs[-1]["transcript"]]), 3),
                "transcripts_identical": len({r["transcript"] for r in runs}) == 1,
-               "answer_tokens": runs[-1]["tokens"], "answer_chars": len(runs[-1]["answer"]),
+               "token_msgs": runs[-1]["tokens"], "answer_chars": len(runs[-1]["answer"]),
                "answer": runs[-1]["answer"],
                **{m: _summary([r[m] for r in runs]) for m in METRICS},
                "raw": [{m: round(r[m], 4) for m in (*METRICS, "done_s")} for r in runs]}
@@ -140,7 +141,8 @@ def to_markdown(res: dict[str, Any]) -> str:
              f"- Method: each question is one espeak-ng WAV (160 wpm) sent as a binary frame to `/ws`, "
              f"one request at a time on a fresh socket; times run from the moment the frame was handed "
              f"to the socket (end of upload). Per question {res['warmup']} untimed warm-up request(s), "
-             f"then {res['reps']} timed ones. Cells: min / median seconds.",
+             f"then {res['reps']} timed ones. Cells: min / median seconds. `token msgs`: streamed "
+             "`token` messages of the last timed answer (each carries one or more tokens' text).",
              "- Rerun: the command above; `--url ws://127.0.0.1:PORT/ws` probes a running "
              "`python -m demo` instead of an in-process app.", ""]
     cell = lambda s: f"{s['min']} / {s['median']}"  # noqa: E731
@@ -150,10 +152,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                   f"- Server: {run['server']}; STT: {run['stt_model']}", f"- Settings: {run['settings']}",
                   f"- 1-minute load average before this run: {run['loadavg_1m_before']} (shared machine).",
                   "", "| question | audio s | -> final transcript | -> first token | -> last token | "
-                  "tokens | transcript (WER) |", "|---|---|---|---|---|---|---|"]
+                  "token msgs | transcript (WER) |", "|---|---|---|---|---|---|---|"]
         for q in run["questions"]:
             lines.append(f"| {q['question']} | {q['audio_s']} | {cell(q['transcript_final_s'])} | "
-                         f"{cell(q['first_token_s'])} | {cell(q['last_token_s'])} | {q['answer_tokens']} | "
+                         f"{cell(q['first_token_s'])} | {cell(q['last_token_s'])} | {q['token_msgs']} | "
                          f"{q['transcript']} ({q['transcript_wer']}) |")
         lines += [f"| **all {o['first_token_s']['n']} timed requests** | | "
                   f"**{cell(o['transcript_final_s'])}** | **{cell(o['first_token_s'])}** | "

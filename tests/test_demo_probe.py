@@ -33,9 +33,10 @@ def test_probe_times_transcript_then_tokens_and_writes_report(tmp_path, monkeypa
     (q,) = run["questions"]
     assert run["engine"] == "scripted" and len(q["raw"]) == 5 and res["reps"] == 5
     assert "earbuds" in q["transcript"].lower() and q["transcripts_identical"]
+    assert 2.0 < q["audio_s"] < 6.0  # the ~3.6 s espeak-ng clip
     for r in q["raw"]:  # the order the server promises: transcript, tokens, done
         assert 0 < r["transcript_final_s"] <= r["first_token_s"] <= r["last_token_s"] <= r["done_s"]
-    assert q["answer_tokens"] > 10 and q["answer"].startswith("1. ")
+    assert q["token_msgs"] > 10 and q["answer"].startswith("1. ")
     for m in probe.METRICS:
         assert q[m]["min"] <= q[m]["median"] and run["overall"][m]["n"] == 5
     md = out.with_suffix(".md").read_text()
