@@ -2,9 +2,12 @@
 
     python -m demo.loadtest --clients 20 [--engine scripted|jaxkd] [--out evals/results/demo_load]
 
-Every client sends one question (every ``--audio-every``-th as espeak-ng speech) and must end with
-exactly one ``done`` or ``error`` message; a socket that closes without one counts as *lost*.
-/health is polled throughout. Only 127.0.0.1 is contacted.
+Every client sends one question (every ``--audio-every``-th as espeak-ng speech, ``0`` = text
+only) and must end with exactly one ``done`` or ``error`` message; a socket that closes without one
+counts as *lost*. /health is polled throughout. Only 127.0.0.1 is contacted. When speech is asked
+for and espeak-ng cannot synthesise it, the run stops with an error (it never falls back to text);
+the report states how many clients sent audio, how many of those got a transcript, and how many
+sent text.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class ClientResult:
     retry_after: int | None
     steps: int
     history: list[str]        # outcome of every attempt, in order
+    transcript: str | None = None  # audio clients: the final transcript the server sent back
 
 
 def _free_port() -> int:
@@ -81,6 +85,7 @@ async def _client(i: int, url: str, audio: bytes | None, retries: int) -> Client
 
     kind = "audio" if audio is not None else "text"
     attempts, outcome, retry_after, first, steps, took = 0, "lost", None, None, 0, 0.0
+    transcript: str | None = None
     history: list[str] = []
     while True:
         attempts += 1
@@ -94,6 +99,8 @@ async def _client(i: int, url: str, audio: bytes | None, retries: int) -> Client
                     await ws.send(json.dumps({"question": QUESTIONS[i % len(QUESTIONS)]}))
                 async for raw in ws:
                     msg = json.loads(raw)
+                    if msg["type"] == "transcript" and msg.get("final"):
+                        transcript = msg["text"]
                     if msg["type"] == "token" and first is None:
                         first = time.perf_counter() - t0
                     if msg["type"] == "done":
@@ -109,7 +116,8 @@ async def _client(i: int, url: str, audio: bytes | None, retries: int) -> Client
         if outcome == "busy" and attempts <= retries and retry_after:
             await asyncio.sleep(retry_after)
             continue
-        return ClientResult(i, kind, outcome, attempts, took, first, retry_after, steps, history)
+        return ClientResult(i, kind, outcome, attempts, took, first, retry_after, steps, history,
+                            transcript)
 
 
 async def _poll_health(base: str, stop: asyncio.Event, out: dict[str, Any]) -> None:
@@ -144,6 +152,29 @@ async def _run_clients(port: int, clients: int, audio: bytes | None, audio_every
     return list(results), health, wall
 
 
+class SpeechUnavailable(RuntimeError):
+    """Audio clients were asked for but no speech can be synthesised."""
+
+
+def load_test_speech(text: str = "my bluetooth earbuds keep disconnecting from my laptop") -> bytes:
+    """The spoken question audio clients send, or ``SpeechUnavailable`` saying how to fix it."""
+    from demo.testing import espeak_available, espeak_wav
+
+    fix = ("install it (`make system-deps`: apt-get install espeak-ng sox), or run text-only "
+           "clients with --audio-every 0")
+    if not espeak_available():
+        raise SpeechUnavailable(f"the load test needs espeak-ng to synthesise the audio clients' "
+                                f"question and it is not installed: {fix}")
+    try:
+        wav = espeak_wav(text)
+    except Exception as e:  # a broken espeak-ng install: say so instead of sending text
+        raise SpeechUnavailable(f"espeak-ng failed to synthesise the audio clients' question "
+                                f"({type(e).__name__}: {e}): {fix}") from e
+    if len(wav) < 1000:
+        raise SpeechUnavailable(f"espeak-ng produced only {len(wav)} bytes of audio: {fix}")
+    return wav
+
+
 def _pct(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)), 3) if xs else None
 
@@ -153,16 +184,17 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
     """Start the real app on loopback, run ``clients`` concurrent websocket clients, summarise."""
     from demo.app import Services, create_app
     from demo.settings import load_demo_config
-    from demo.testing import espeak_available, espeak_wav
 
+    if audio_every < 0:
+        raise ValueError(f"audio_every must be >= 0 (0 = text only), got {audio_every}")
+    # Synthesise first: a run that asked for speech must not quietly send text instead.
+    audio = load_test_speech() if audio_every else None
     cfg = load_demo_config(overrides=[f"engine.kind={engine}", "limits.client_key=ip+client_id",
                                       *overrides])
     load_before = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     svc = Services.build(cfg)
     start_s = time.perf_counter() - t0
-    audio = espeak_wav("my bluetooth earbuds keep disconnecting from my laptop") \
-        if espeak_available() and audio_every else None
     try:
         with LoopbackServer(create_app(svc), 2 * cfg.limits.max_body_bytes) as server:
             results, health, wall = asyncio.run(
@@ -178,7 +210,10 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
     every = [h for r in results for h in r.history]
     lost = [r for r in results if r.outcome.startswith("lost")]
     return {
-        "clients": clients, "engine": svc.engine.name, "audio_clients": sum(r.kind == "audio" for r in results),
+        "clients": clients, "engine": svc.engine.name, "audio_every": audio_every,
+        "audio_clients": sum(r.kind == "audio" for r in results),
+        "audio_transcribed": sum(r.kind == "audio" and r.transcript is not None for r in results),
+        "text_clients": sum(r.kind == "text" for r in results),
         "client_ids": client_ids, "retries_allowed": retries,
         "limits": {"ask_rate": cfg.limits.ask_rate, "queue_size": cfg.limits.queue_size,
                    "client_key": cfg.limits.client_key, "stt_max_waiting": cfg.stt.max_waiting},
@@ -217,15 +252,18 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
     lines = ["# Voice demo: loopback load test", "",
              f"- Machine: {machine()}", f"- Command: `{command}`",
              f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-             "- Each client opens `/ws` on 127.0.0.1 and asks one question (every 4th as espeak-ng "
-             "speech, so STT runs too); a request is *lost* if its socket ends without `done` or `error`.",
-             "", "| engine | clients | answered | busy | rate-limited | other errors | lost | "
-             "p50 s | p95 s | first token p50 s | /health polls (failed, max s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- Each client opens `/ws` on 127.0.0.1 and asks one question, as espeak-ng speech "
+             "(a WAV frame, so STT runs) or as text; a request is *lost* if its socket ends without "
+             "`done` or `error`.",
+             "- Sent: " + "; ".join(_sent_sentence(r) for r in runs) + ".",
+             "", "| engine | clients | sent audio / text | answered | busy | rate-limited | "
+             "other errors | lost | p50 s | p95 s | first token p50 s | /health polls (failed, max s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         other = r["clients"] - r["answered"] - r["rejected_busy"] - r["rejected_rate_limited"] - r["lost"]
         lines.append(
-            f"| {r['engine']} | {r['clients']} | {r['answered']} | {r['rejected_busy']} | "
+            f"| {r['engine']} | {r['clients']} | {r['audio_clients']} / {r['text_clients']} | "
+            f"{r['answered']} | {r['rejected_busy']} | "
             f"{r['rejected_rate_limited']} | {other} | {r['lost']} | {r['latency_done_s']['p50']} | "
             f"{r['latency_done_s']['p95']} | {r['first_token_s']['p50']} | "
             f"{r['health']['polls']} ({r['health']['failures']}, {r['health']['max_s']}) |")
@@ -248,21 +286,37 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines)
 
 
+def _sent_sentence(r: dict[str, Any]) -> str:
+    """What a run actually sent, from its per-client records."""
+    every = r.get("audio_every")
+    nth = {1: "", 2: "2nd ", 3: "3rd "}.get(every, f"{every}th ")
+    how = f"every {nth}client" if every else "text only"
+    return (f"{r['engine']}: {r['audio_clients']} of {r['clients']} clients sent speech ({how}; "
+            f"{r['audio_transcribed']} of them got a final transcript back), "
+            f"{r['text_clients']} sent text")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m demo.loadtest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--engine", action="append", choices=["scripted", "jaxkd"],
                    help="repeat to run several (default: scripted)")
-    p.add_argument("--audio-every", type=int, default=4)
+    p.add_argument("--audio-every", type=int, default=4,
+                   help="every k-th client sends espeak-ng speech (0 = all text)")
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--client-ids", type=int, default=8)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. limits.queue_size=2")
     args = p.parse_args(argv)
-    runs = [run_load(clients=args.clients, engine=e, audio_every=args.audio_every,
-                     retries=args.retries, client_ids=args.client_ids, overrides=tuple(args.overrides))
-            for e in (args.engine or ["scripted"])]
+    try:
+        runs = [run_load(clients=args.clients, engine=e, audio_every=args.audio_every,
+                         retries=args.retries, client_ids=args.client_ids,
+                         overrides=tuple(args.overrides))
+                for e in (args.engine or ["scripted"])]
+    except SpeechUnavailable as e:
+        print(f"demo.loadtest: {e}", file=sys.stderr)
+        return 2
     command = "python -m demo.loadtest " + " ".join(argv if argv is not None else sys.argv[1:])
     md = to_markdown(runs, command)
     print(md)

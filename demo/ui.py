@@ -39,6 +39,12 @@ SHARE_JS = """
 }
 """
 
+# The public Gradio API (gradio_client / the "Use via API" page): endpoint -> what it does.
+API_NAMES = {
+    "/transcribe": "audio file + device -> transcript (streamed), status line",
+    "/ask": "question + device + read-aloud flag -> numbered-step answer (streamed), status, audio",
+}
+
 CSS = """
 #status { min-height: 1.6em; font-size: 0.95em; }
 #answer { min-height: 12em; }
@@ -151,17 +157,18 @@ def build_ui(svc: Any) -> gr.Blocks:
                 readback = gr.Audio(label="Spoken answer", autoplay=True, interactive=False,
                                     visible=svc.tts is not None, elem_id="readback")
 
-        voice_outputs = [question, status]
         answer_inputs = [question, device, speak]
         answer_outputs = [answer_md, status, readback]
-        for event in (mic.stop_recording, mic.upload):
-            event(transcribe, [mic, device], voice_outputs, concurrency_limit=None,
-                  show_progress="hidden").then(
-                answer, answer_inputs, answer_outputs, concurrency_limit=None,
-                show_progress="hidden")
-        for event in (ask_btn.click, question.submit):
-            event(typed_answer, answer_inputs, answer_outputs, concurrency_limit=None,
-                  show_progress="hidden")
-        share_btn.click(None, [question, answer_md], [status], js=SHARE_JS)
+        # One event per purpose, each with its API name (API_NAMES): two triggers that share a
+        # handler share one endpoint instead of getting "/transcribe" and "/transcribe_1".
+        gr.on([mic.stop_recording, mic.upload], transcribe, [mic, device], [question, status],
+              api_name="transcribe", concurrency_limit=None, show_progress="hidden").then(
+            # The second half of the voice flow; API clients call /transcribe, then /ask.
+            answer, answer_inputs, answer_outputs, api_visibility="private",
+            concurrency_limit=None, show_progress="hidden")
+        gr.on([ask_btn.click, question.submit], typed_answer, answer_inputs, answer_outputs,
+              api_name="ask", concurrency_limit=None, show_progress="hidden")
+        share_btn.click(None, [question, answer_md], [status], js=SHARE_JS,
+                        api_visibility="private")  # runs in the browser only
     ui.queue(default_concurrency_limit=None)
     return ui

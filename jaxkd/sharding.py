@@ -8,8 +8,9 @@ mesh has three axes:
 - ``fsdp``: batch *and* parameter sharding (ZeRO-3 style: weights gathered per layer).
 - ``tensor``: Megatron-style tensor parallelism over heads, MLP width and vocab.
 
-Build a sharded model with ``build_decoder(cfg, mesh)`` or under ``with mesh_context(mesh):``.
-Without a mesh everything here is a no-op, so the same model code runs on one device.
+Build a sharded model under ``with mesh_context(mesh):`` (``jaxkd.models.build_decoder(cfg, mesh)``
+does that for a Decoder). Without a mesh everything here is a no-op, so the same model code runs
+on one device. This module knows nothing about the models: they import it, never the reverse.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, PartitionSpec
@@ -110,27 +110,6 @@ def mesh_context(mesh: Mesh) -> Iterator[Mesh]:
     """``jax.set_mesh(mesh)`` plus ``nnx.logical_axis_rules(LOGICAL_RULES)``: build or run models in it."""
     with jax.set_mesh(mesh), nnx.logical_axis_rules(LOGICAL_RULES):
         yield mesh
-
-
-def build_decoder(cfg: Any, mesh: Mesh | None = None, *, seed: int = 0,
-                  param_dtype: Any = jnp.float32, compute_dtype: Any = jnp.float32) -> Any:
-    """A randomly initialised ``Decoder`` whose parameters are sharded over ``mesh`` (or local)."""
-    from jaxkd.models.decoder import Decoder
-
-    if mesh is None:
-        return Decoder(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, compute_dtype=compute_dtype)
-    with mesh_context(mesh):
-        return Decoder(cfg, rngs=nnx.Rngs(seed), param_dtype=param_dtype, compute_dtype=compute_dtype)
-
-
-def abstract_decoder(cfg: Any, *, param_dtype: Any = jnp.float32,
-                     compute_dtype: Any = jnp.float32) -> Any:
-    """A ``Decoder`` whose parameters are ``jax.ShapeDtypeStruct``s: shapes without memory."""
-    from jaxkd.models.decoder import Decoder
-
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                              compute_dtype=compute_dtype))
 
 
 def param_specs(model: nnx.Module) -> dict[str, tuple[tuple[int, ...], tuple[str | None, ...]]]:

@@ -15,6 +15,7 @@ from flax import nnx
 from jaxkd import ckpt
 from jaxkd import sharding as shd
 from jaxkd.config import ModelConfig
+from jaxkd.models import build_decoder
 from jaxkd.models.decoder import Decoder
 from jaxkd.train.state import init_state
 
@@ -83,7 +84,7 @@ def test_restore_onto_other_sharding_bit_identical(saved, tmp_path):
     state, run, _ = saved
     assert len(jax.devices()) == 8
     mesh = shd.make_mesh(fsdp=4, tensor=2)
-    sharded = shd.build_decoder(CFG, mesh, seed=5)
+    sharded = build_decoder(CFG, mesh, seed=5)
     with ckpt.RunCheckpointer(run) as ck:
         params = ck.restore_params(None, nnx.state(sharded, nnx.Param))
     got, want = flat(params), flat(state["params"])

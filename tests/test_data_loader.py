@@ -174,9 +174,9 @@ def test_mask_with_real_qwen_chat_template():
     """The packaged Qwen2.5 tokenizer: loss mask = answer + <|im_end|>, with and without a system
     prompt (Qwen's template then inserts its default system turn into the prompt)."""
     from jaxkd.assets import asset_path
-    from jaxkd.models.tokenizer import load_tokenizer
+    from jaxkd.models.params import gguf_tokenizer
 
-    tok = load_tokenizer(asset_path("qwen2.5-coder-0.5b-instruct-q4_k_m"))
+    tok = gguf_tokenizer(asset_path("qwen2.5-coder-0.5b-instruct-q4_k_m"))
     recs = load_corpus()[:8]
     for system in (SYSTEM_PROMPT, None):
         for ex in sft_examples(recs, system_prompt=system)[:16]:

@@ -11,7 +11,9 @@ import transformers
 from flax import nnx
 
 from jaxkd.config import Arch, ModelConfig
-from jaxkd.models.decoder import Decoder, count_params, init_cache
+from jaxkd.models import abstract_decoder
+from jaxkd.models.decoder import Decoder, init_cache
+from jaxkd.sharding import count_params
 
 VOCAB = 257
 
@@ -215,4 +217,4 @@ def test_count_params_without_allocating():
     for kind in ("qwen2", "qwen2_tied", "llama"):
         model = hf_model(kind)
         cfg = ModelConfig.from_hf(model.config.to_dict())
-        assert count_params(cfg) == sum(p.numel() for p in model.parameters()), kind
+        assert count_params(abstract_decoder(cfg)) == sum(p.numel() for p in model.parameters()), kind

@@ -13,6 +13,7 @@ import optax
 
 from jaxkd import sharding as shd
 from jaxkd.config import GRPOConfig
+from jaxkd.models import build_decoder
 from jaxkd.rl import grpo as G
 from jaxkd.rl import rollout as ro
 from jaxkd.train import state as st
@@ -39,7 +40,7 @@ def _batch(cfg: GRPOConfig) -> dict[str, np.ndarray]:
 
 
 def _run(mesh, cfg: GRPOConfig, batch: dict, optimizer) -> tuple[list[dict], list[np.ndarray], bool]:
-    model = shd.build_decoder(MESH_MODEL, mesh, seed=4)
+    model = build_decoder(MESH_MODEL, mesh, seed=4)
     graphdef, params, frozen = st.split_model(model, "no_embed")
     tx = optimizer()
     ctx = shd.mesh_context(mesh) if mesh is not None else contextlib.nullcontext()

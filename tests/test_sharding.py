@@ -14,9 +14,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxkd.config import ModelConfig, SamplingConfig
-from jaxkd.models.decoder import count_params
+from jaxkd.models import abstract_decoder, build_decoder
 from jaxkd.models.generate import Generator
-from jaxkd.sharding import (LOGICAL_RULES, abstract_decoder, build_decoder, constrain, logical_to_spec,
+from jaxkd.sharding import (LOGICAL_RULES, constrain, count_params, logical_to_spec,
                             make_mesh, mesh_context, param_specs, sharding_problems)
 
 TINY = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
@@ -145,7 +145,7 @@ def test_real_configs_param_count_and_divisibility_without_memory(cfg, expected)
     model = abstract_decoder(cfg, param_dtype=jnp.bfloat16)
     leaves = [v.get_value() for _, v in nnx.to_flat_state(nnx.state(model))]
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-    assert count_params(cfg) == expected == _qwen2_param_count(cfg)
+    assert count_params(model) == expected == _qwen2_param_count(cfg)
     specs = param_specs(model)
     assert specs["layers.0.self_attn.k_proj.weight"] == ((cfg.hidden_size, cfg.num_kv_heads, 128),
                                                          ("embed", "kv_heads", "head_dim"))

@@ -8,6 +8,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from jaxkd.models.params import gguf_tokenizer
 from jaxkd.models.tokenizer import TokenizerError, load_tokenizer
 
 CHAT = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -44,8 +45,10 @@ def test_chat_template_and_eos_ids(tmp_path):
 def test_errors(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer files"):
         load_tokenizer(tmp_path)
-    with pytest.raises(TokenizerError, match="GGUF file not found"):
+    with pytest.raises(TokenizerError, match="is a GGUF file.*gguf_tokenizer"):
         load_tokenizer(tmp_path / "model.gguf")
+    with pytest.raises(TokenizerError, match="GGUF file not found"):
+        gguf_tokenizer(tmp_path / "model.gguf")
     tiny_tokenizer_dir(tmp_path / "plain", chat_template=None)
     with pytest.raises(TokenizerError, match="has no chat template"):
         load_tokenizer(tmp_path / "plain")

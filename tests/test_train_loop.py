@@ -227,15 +227,15 @@ def test_trainable_filters_and_optimizer():
 
 def test_sharded_run_matches_single_device(cache_dir, tok, records):
     """mesh fsdp=2 x data=1 (of the 8 fake CPU devices) gives the single-device losses."""
-    from jaxkd import sharding as shd
     from jaxkd.config import MeshConfig
+    from jaxkd.models import build_decoder
     from test_train_fixtures import tiny_config
 
     single = _run(cache_dir, "mesh-ref", tok, records, steps=3, ckpt_every=0)
     cfg = _cfg(cache_dir, "mesh", steps=3, ckpt_every=0)
     cfg = RunConfig(**{**cfg.__dict__, "mesh": MeshConfig(data=1, fsdp=2, tensor=1)})
     mesh = TR.make_mesh(1, 2, 1, cfg.train.batch_size)
-    model = shd.build_decoder(tiny_config(), mesh, seed=5)
+    model = build_decoder(tiny_config(), mesh, seed=5)
     emb = model.embed_tokens.weight[...]
     assert len(emb.sharding.device_set) == 2
     sharded = K.run_kd(cfg, pretrained=types.SimpleNamespace(model=model, tokenizer=tok), records=records,

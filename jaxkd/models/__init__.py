@@ -1,8 +1,11 @@
 """Models: the Flax NNX decoder, generation, weights in/out, tokenizer.
 
 ``load_pretrained(name_or_spec)`` is the one entry point from a preset name (``configs/models``),
-a ``ModelSpec``, a ``.gguf`` path or an HF directory to a ready model + tokenizer. Heavy modules
-(jax, transformers) are imported inside functions so ``jaxkd.models.params`` stays light.
+a ``ModelSpec``, a ``.gguf`` path or an HF directory to a ready model + tokenizer;
+``build_decoder`` (random init, optionally sharded) and ``abstract_decoder`` (shapes only) build
+a bare ``Decoder``. They live here, not in ``jaxkd.sharding``: the layers import sharding, so
+sharding must not import the models back. Heavy modules (jax, transformers) are imported inside
+functions so ``jaxkd.models.params`` stays light.
 """
 
 from __future__ import annotations
@@ -88,6 +91,39 @@ def resolve_hf_dir(spec: ModelSpec) -> Path:
     return _hub_snapshot(spec.location)
 
 
+def build_decoder(cfg: ModelConfig, mesh: "Mesh | None" = None, *, seed: int = 0,
+                  param_dtype: Any = None, compute_dtype: Any = None) -> "Decoder":
+    """A randomly initialised ``Decoder`` whose parameters are sharded over ``mesh`` (or local).
+
+    ``param_dtype`` / ``compute_dtype``: jnp dtypes, float32 when None.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxkd import sharding as shd
+    from jaxkd.models.decoder import Decoder
+
+    kw = dict(param_dtype=param_dtype or jnp.float32, compute_dtype=compute_dtype or jnp.float32)
+    if mesh is None:
+        return Decoder(cfg, rngs=nnx.Rngs(seed), **kw)
+    with shd.mesh_context(mesh):
+        return Decoder(cfg, rngs=nnx.Rngs(seed), **kw)
+
+
+def abstract_decoder(cfg: ModelConfig, *, param_dtype: Any = None,
+                     compute_dtype: Any = None) -> "Decoder":
+    """A ``Decoder`` whose parameters are ``jax.ShapeDtypeStruct``s: shapes without memory
+    (``jaxkd.sharding.count_params`` / ``param_specs`` read it; loaders fill it in place)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxkd.models.decoder import Decoder
+
+    kw = dict(param_dtype=param_dtype or jnp.float32, compute_dtype=compute_dtype or jnp.float32)
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kw))
+
+
 def decoder_from_hf_tensors(cfg: ModelConfig, tensors: Any, *, param_dtype: Any,
                             compute_dtype: Any, mesh: "Mesh | None" = None) -> "Decoder":
     """A Decoder holding ``tensors`` (a dict or ``params.LazyTensors``; consumed: entries are
@@ -105,7 +141,7 @@ def decoder_from_hf_tensors(cfg: ModelConfig, tensors: Any, *, param_dtype: Any,
     from jaxkd.models import params
 
     params.check_tensors(cfg, tensors, "load_pretrained")
-    model = shd.abstract_decoder(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype)
+    model = abstract_decoder(cfg, param_dtype=param_dtype, compute_dtype=compute_dtype)
     # Decoder.hf_map: HF name -> (variable, hf->jaxkd layout, jaxkd->hf layout).
     for name, (var, from_hf, _) in model.hf_map().items():
         abstract = var.get_value()
@@ -158,4 +194,5 @@ def load_pretrained(name_or_spec: str | os.PathLike | ModelSpec, *, param_dtype:
                       load_s=time.perf_counter() - t0)
 
 
-__all__ = ["Pretrained", "load_pretrained", "resolve_spec", "resolve_hf_dir", "decoder_from_hf_tensors"]
+__all__ = ["Pretrained", "load_pretrained", "resolve_spec", "resolve_hf_dir", "decoder_from_hf_tensors",
+           "build_decoder", "abstract_decoder"]

@@ -190,9 +190,3 @@ class Decoder(nnx.Module):
         return {name: np.asarray(to_hf(np.asarray(jax.device_get(param[...]), np.float32)))
                 for name, (param, _, to_hf) in self.hf_map().items()}
 
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameter count of a Decoder for ``cfg``, from shapes only (nothing is allocated)."""
-    from jaxkd.sharding import abstract_decoder, count_params as _count
-
-    return _count(abstract_decoder(cfg))

@@ -45,7 +45,7 @@ def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
     eager = mesh_active and nnx.using_eager_sharding()
     if eager and not core_spmd.get_logical_axis_rules():
         raise ValueError("building a jaxkd model under a mesh needs the logical axis rules too: "
-                         "use `with jaxkd.sharding.mesh_context(mesh):` or jaxkd.sharding.build_decoder")
+                         "use `with jaxkd.sharding.mesh_context(mesh):` or jaxkd.models.build_decoder")
     value = init(rngs.params(), tuple(shape), dtype)
     return nnx.Param(value, out_sharding=logical_names, eager_sharding=eager)
 

@@ -391,6 +391,20 @@ def converted_dir(gguf_path: str | Path, sha256: str | None = None) -> Path:
     return cache_dir() / "hf" / (sha256 or _sha256_of(Path(gguf_path)))[:20]
 
 
+def gguf_tokenizer(gguf_path: str | Path) -> Any:
+    """The tokenizer of a GGUF file: from its cached HF conversion when that exists (fast), else
+    built from the GGUF metadata (~15 s). Raises ``TokenizerError`` for a missing file."""
+    from jaxkd.models.tokenizer import TokenizerError, load_tokenizer, tokenizer_from_gguf
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.exists():
+        raise TokenizerError(f"GGUF file not found: {gguf_path}")
+    cached = converted_dir(gguf_path)
+    if (cached / "tokenizer_config.json").exists():
+        return load_tokenizer(cached)
+    return tokenizer_from_gguf(gguf_path)
+
+
 def gguf_to_hf_dir(gguf_path: str | Path, *, sha256: str | None = None) -> Path:
     """An HF directory (f32 safetensors + tokenizer with chat template) for a GGUF, built once.
 

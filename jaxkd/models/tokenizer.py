@@ -65,20 +65,15 @@ def tokenizer_from_gguf(gguf_path: str | Path) -> Any:
 
 
 def load_tokenizer(path_or_dir: str | Path) -> Any:
-    """Tokenizer of an HF directory or of a ``.gguf`` file (via its cached HF conversion)."""
+    """Tokenizer of an HF directory. For a ``.gguf`` file use ``jaxkd.models.params.gguf_tokenizer``
+    (it knows where the file's cached HF conversion lives) or ``tokenizer_from_gguf``."""
     from transformers import AutoTokenizer
 
     path = Path(path_or_dir)
     if path.suffix == ".gguf":
-        if not path.exists():
-            raise TokenizerError(f"GGUF file not found: {path}")
-        from jaxkd.models.params import converted_dir
-
-        cached = converted_dir(path)
-        if (cached / "tokenizer_config.json").exists():
-            path = cached
-        else:
-            return tokenizer_from_gguf(path)
+        raise TokenizerError(f"{path} is a GGUF file, not an HF directory: use "
+                             f"jaxkd.models.params.gguf_tokenizer(path) (reads the cached HF "
+                             f"conversion when there is one) or tokenizer_from_gguf(path)")
     if not path.is_dir() or not ((path / "tokenizer.json").exists()
                                  or (path / "tokenizer_config.json").exists()):
         raise TokenizerError(f"no tokenizer files (tokenizer.json / tokenizer_config.json) in {path}")
