@@ -236,7 +236,7 @@ class Generator:
         ids, seg, pos, lengths = self._layout(prompts)
         n, t = ids.shape
         budget = np.minimum(sampling.max_new_tokens, self.max_seq_len - lengths)
-        kind = SamplerKind.of(sampling, self.model.cfg.vocab_size)
+        kind = SamplerKind.of(sampling, self.vocab)
         statics = dict(kind=kind, capture=capture)
         temperature, top_p = sampler_scalars(sampling)
         if row_ids is not None and len(row_ids) != n:
@@ -379,7 +379,7 @@ class Generator:
         """Compile prefill (first prompt bucket) and decode at every cache window a prompt of that
         bucket can reach with ``sampling.max_new_tokens``, for each batch size."""
         sampling = sampling or SamplingConfig()
-        kind = SamplerKind.of(sampling, self.model.cfg.vocab_size)
+        kind = SamplerKind.of(sampling, self.vocab)
         temperature, top_p = sampler_scalars(sampling)
         params = nnx.state(self.model)
         for b in batch_sizes:

@@ -29,17 +29,24 @@ from jaxkd.config import SamplingConfig
 
 @dataclasses.dataclass(frozen=True)
 class SamplerKind:
-    """The static (compile-time) part of a ``SamplingConfig``; temperature and top-p are traced."""
+    """The static (compile-time) part of a ``SamplingConfig``; temperature and top-p are traced.
+
+    ``vocab`` > 0 restricts the policy to the first ``vocab`` logits: the tokenizer's real
+    vocabulary (a padded embedding's extra rows are never sampled).
+    """
 
     greedy: bool
     top_k: int = 0
     use_top_p: bool = False
+    vocab: int = 0
 
     @classmethod
-    def of(cls, sampling: SamplingConfig, vocab_size: int) -> "SamplerKind":
-        if sampling.temperature == 0.0:
-            return cls(greedy=True)  # top-k / top-p do not change an argmax: one compile for greedy
-        return cls(greedy=False, top_k=min(sampling.top_k, vocab_size), use_top_p=sampling.top_p < 1.0)
+    def of(cls, sampling: SamplingConfig, vocab: int) -> "SamplerKind":
+        """The sampler of ``sampling`` over a ``vocab``-token vocabulary."""
+        if sampling.temperature == 0.0:  # top-k / top-p do not change an argmax: one compile
+            return cls(greedy=True, vocab=vocab)
+        return cls(greedy=False, top_k=min(sampling.top_k, vocab), use_top_p=sampling.top_p < 1.0,
+                   vocab=vocab)
 
 
 def sampler_scalars(sampling: SamplingConfig) -> tuple[jax.Array, jax.Array]:
@@ -55,9 +62,11 @@ def process_logits(logits_bv: jax.Array, temperature: jax.Array, top_p: jax.Arra
     probability mass strictly above them (within the top-k, if set) is below ``top_p``.
     """
     logits_bv = logits_bv.astype(jnp.float32)
+    vocab_v = jnp.arange(logits_bv.shape[-1])
+    if 0 < kind.vocab < logits_bv.shape[-1]:
+        logits_bv = jnp.where(vocab_v < kind.vocab, logits_bv, -jnp.inf)
     if kind.greedy:
         best = jnp.argmax(logits_bv, axis=-1)
-        vocab_v = jnp.arange(logits_bv.shape[-1])
         return jnp.where(vocab_v == best[..., None], 0.0, -jnp.inf)
     scaled_bv = logits_bv / temperature
     # The kept set is piecewise constant in the logits: no gradient flows through the thresholds.
