@@ -127,6 +127,79 @@ def stack_fn(layout: str):
     return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1)))
 
 
+WEIGHT_KINDS = ("f32", "bf16_to_f32", "bf16_dot", "int8_to_f32")
+
+
+def dtype_stack_fn(kind: str):
+    """The ``oi`` stack with weights stored as ``kind`` (issue 10 item 7):
+
+    - ``f32``: float32 weights (the reference);
+    - ``bf16_to_f32``: bfloat16 weights converted to float32 inside the step, float32 matmul;
+    - ``bf16_dot``: bfloat16 weights and activations, bf16 x bf16 matmul accumulating in f32;
+    - ``int8_to_f32``: int8 weights with a float32 scale per output channel, converted inside
+      the step (weight-only quantisation).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    def mm(x, w):
+        if kind == "int8_to_f32":
+            q, scale = w
+            return jnp.einsum("mi,oi->mo", x, q.astype(jnp.float32)) * scale
+        if kind == "bf16_dot":
+            return jnp.einsum("mi,oi->mo", x.astype(jnp.bfloat16), w,
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("mi,oi->mo", x, w.astype(jnp.float32))
+
+    def fwd(x, ws):
+        for w in ws:
+            q = mm(x, w["q"])
+            kv = mm(x, w["k"]) + mm(x, w["v"])
+            a = q + jnp.tile(kv, (1, q.shape[1] // kv.shape[1]))
+            x = x + mm(a, w["o"])
+            g = jax.nn.silu(mm(x, w["gate"])) * mm(x, w["up"])
+            x = x + mm(g, w["down"])
+        return x
+
+    return jax.jit(fwd)
+
+
+def convert_weights(ws: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    import jax.numpy as jnp
+
+    def one(w):
+        if kind == "f32":
+            return w
+        if kind.startswith("bf16"):
+            return w.astype(jnp.bfloat16)
+        scale = jnp.max(jnp.abs(w), axis=1) / 127.0
+        return (jnp.round(w / scale[:, None]).astype(jnp.int8), scale)
+
+    return [{k: one(w) for k, w in layer.items()} for layer in ws]
+
+
+def run_dtypes(reps: int, layers: int, models: tuple[str, ...]) -> dict[str, Any]:
+    """Forward stack time per weight storage kind, ``oi`` layout, M = 1, 8, 32."""
+    import jax.numpy as jnp
+
+    rs = np.random.default_rng(2)
+    out: dict[str, Any] = {}
+    for model in models:
+        d = MODELS[model][0]
+        base = stack_weights(model, layers, "oi", rs)
+        xs = {m: jnp.asarray(rs.standard_normal((m, d), dtype=np.float32)) for m in ROWS}
+        for kind in WEIGHT_KINDS:
+            ws = convert_weights(base, kind)
+            fwd = dtype_stack_fn(kind)
+            out.setdefault(model, {})[kind] = {f"forward_M{m}": timeit(lambda: fwd(xs[m], ws), reps)
+                                               for m in ROWS}
+            del ws
+            print(f"dtype {model} {kind}: " + ", ".join(
+                f"{c} {v['median_ms']:.1f} ms" for c, v in out[model][kind].items()), file=sys.stderr, flush=True)
+        del base
+    return out
+
+
 def run_stack(reps: int, layers: int, models: tuple[str, ...]) -> dict[str, Any]:
     import jax.numpy as jnp
 
@@ -223,6 +296,15 @@ def markdown(res: dict[str, Any]) -> list[str]:
             a, b = labels["io"][case], labels["oi"][case]
             lines.append(f"| {model} | {case} | {a['min_ms']:.1f} / {a['median_ms']:.1f} | "
                          f"{b['min_ms']:.1f} / {b['median_ms']:.1f} | {a['median_ms'] / b['median_ms']:.2f}x |")
+    if "dtypes" in res:
+        lines += ["", f"Weight storage (`oi` layout, stack of {res['stack_layers']} layers, forward), "
+                  "min / median ms:", "", "| model | weights | " + " | ".join(
+                      f"M={m}" for m in res["rows"]) + " |", "|---|---|" + "---:|" * len(res["rows"])]
+        for model, kinds in res["dtypes"].items():
+            for kind, cells in kinds.items():
+                lines.append(f"| {model} | {kind} | " + " | ".join(
+                    f"{cells[f'forward_M{m}']['min_ms']:.1f} / {cells[f'forward_M{m}']['median_ms']:.1f}"
+                    for m in res["rows"]) + " |")
     return lines
 
 
@@ -231,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--layers", type=int, default=4, help="decoder layers in the stack figures")
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--dtypes", action="store_true", help="also time bf16 / int8 weight storage")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args(argv)
     if args.reps < 5:
@@ -239,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     res["summary"] = summary(res)
     res["stack_layers"] = args.layers
     res["stack"] = run_stack(args.reps, args.layers, tuple(args.models))
+    if args.dtypes:
+        res["dtypes"] = run_dtypes(args.reps, args.layers, tuple(args.models))
     text = "\n".join(markdown(res))
     print(text)
     if args.out:

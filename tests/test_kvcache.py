@@ -169,3 +169,20 @@ def test_a_request_prefilled_alone_joins_a_running_batch(gen):
     np.testing.assert_array_equal(np.asarray(cache.index), [len(a_ids) + 11, len(c_ids) + 8])  # tokens fed so far
     assert got_a == alone_a[:12]
     assert got_c == alone_c[:9]
+
+
+def test_shared_prefix_is_prefilled_once_with_the_same_tokens(gen, tok):
+    """Prompts starting with the same tokens (a system prompt; one prompt sampled K times) get the
+    tokens and log-probs they get when every row prefills its whole prompt."""
+    model = hf_model("qwen2")
+    share = jax_generator(model, tok, prompt_bucket=8, max_seq_len=128, min_shared_prefix=8)
+    system = list(range(40, 52))
+    prompts = [system + [5, 77, 120], system + [200, 3, 9, 54, 31, 100, 2], system + [65], system + [65]]
+    s = SamplingConfig(max_new_tokens=10, temperature=0.8, seed=4)
+    assert share._shared_prefix(prompts) == 12 and share._shared_prefix(prompts[2:]) == 12
+    got = share.generate(prompts, s, return_logprobs=True)
+    ref = gen.generate(prompts, s, return_logprobs=True)  # min_shared_prefix=32 > 12: no sharing
+    assert share._take._cache_size() >= 1  # the prefix cache was copied to the rows
+    assert got.tokens == ref.tokens and got.tokens[2] != got.tokens[3]  # same prompt, own samples
+    for a, b in zip(got.logprobs, ref.logprobs):
+        assert np.abs(a - b).max() < 1e-4

@@ -175,17 +175,19 @@ class Generator:
 
     ``max_seq_len`` bounds prompt + new tokens per row; ``window_bucket`` is the cache growth
     step (attention cost vs. number of compiled shapes); ``compact`` gathers the running rows
-    into a smaller batch once at most half are left.
+    into a smaller batch once at most half are left. When every prompt of a batch starts with the
+    same ``min_shared_prefix`` or more tokens (a system prompt, or one prompt sampled K times),
+    that prefix is prefilled once and copied to every row (0: never).
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, max_seq_len: int = 2048, prompt_bucket: int = 64,
-                 window_bucket: int = WINDOW_BUCKET, compact: bool = True):
+                 window_bucket: int = WINDOW_BUCKET, compact: bool = True, min_shared_prefix: int = 32):
         if prompt_bucket <= 0 or max_seq_len <= 0 or window_bucket <= 0:
             raise ValueError(f"prompt_bucket ({prompt_bucket}), max_seq_len ({max_seq_len}) and "
                              f"window_bucket ({window_bucket}) must be > 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.prompt_bucket = max_seq_len, prompt_bucket
-        self.window_bucket, self.compact = window_bucket, compact
+        self.window_bucket, self.compact, self.min_shared_prefix = window_bucket, compact, min_shared_prefix
         self.graphdef, _ = nnx.split(model)
         eos = set(int(e) for e in model.cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -198,9 +200,23 @@ class Generator:
             self.vocab = min(len(tokenizer), model.cfg.vocab_size)  # rows past it are never produced
         except TypeError:
             self.vocab = model.cfg.vocab_size
-        statics = ("graphdef", "kind", "capture")
-        self._prefill = jax.jit(prefill_fn, static_argnames=statics, donate_argnames=("cache",))
-        self._decode = jax.jit(decode_fn, static_argnames=statics, donate_argnames=("cache",))
+        # Per-step dispatch must be cheap (on 2 cores the Python thread competes with XLA's): the
+        # graphdef is bound here instead of being hashed as a static argument on every call, and
+        # parameters travel as a flat list of arrays (nnx.State flattens in Python, ~300 leaves).
+        self._treedef = jax.tree.structure(nnx.state(model))
+        graphdef, treedef = self.graphdef, self._treedef
+
+        def prefill(leaves, cache, *args, kind, capture):
+            return prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
+                              capture=capture)
+
+        def decode(leaves, cache, *args, kind, capture):
+            return decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
+                             capture=capture)
+
+        statics = ("kind", "capture")
+        self._prefill = jax.jit(prefill, static_argnames=statics, donate_argnames=("cache",))
+        self._decode = jax.jit(decode, static_argnames=statics, donate_argnames=("cache",))
         self._take = jax.jit(take_rows)
         self._resize = jax.jit(resize_cache, static_argnames=("new_len",))
 
@@ -210,7 +226,16 @@ class Generator:
         """Cache length for ``slots`` filled slots: a multiple of window_bucket, capped near max_seq_len."""
         return max(slots, min(_round_up(slots, self.window_bucket), _round_up(self.max_seq_len, 8)))
 
-    def _layout(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, ...]:
+    def _param_leaves(self) -> list[jax.Array]:
+        """The model's current state as the flat list the jitted steps take (read per call, so
+        weights updated in place since construction are used)."""
+        leaves, treedef = jax.tree.flatten(nnx.state(self.model))
+        if treedef != self._treedef:
+            raise ValueError("the model's state changed structure since this Generator was built; "
+                             "build a new Generator")
+        return leaves
+
+    def _check(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         lengths = [len(p) for p in prompts]
@@ -219,22 +244,36 @@ class Generator:
         if max(lengths) >= self.max_seq_len:
             raise ValueError(f"a prompt has {max(lengths)} tokens but max_seq_len is {self.max_seq_len}; "
                              f"shorten it or build the Generator with a larger max_seq_len")
-        t = _round_up(max(lengths), self.prompt_bucket)
+        return np.asarray(lengths, np.int32)
+
+    def _layout(self, prompts: Sequence[Sequence[int]], offset: int = 0) -> tuple[jax.Array, ...]:
+        """Right-padded ids, positions (``offset`` + slot) and segment ids of a prompt block: the
+        order ``prefill_fn`` takes them in."""
+        t = _round_up(max(len(p) for p in prompts), self.prompt_bucket)
         ids = np.full((len(prompts), t), self.pad_id, np.int32)
         seg = np.zeros((len(prompts), t), np.int32)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = np.asarray(p, np.int32)
             seg[i, :len(p)] = 1
-        pos = np.broadcast_to(np.arange(t, dtype=np.int32), (len(prompts), t))
-        return ids, seg, pos, np.asarray(lengths, np.int32)
+        pos = np.broadcast_to(offset + np.arange(t, dtype=np.int32), (len(prompts), t))
+        return jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
+
+    def _shared_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Length of the prefix every prompt shares (leaving each at least one token), or 0."""
+        if len(prompts) < 2 or self.min_shared_prefix <= 0:
+            return 0
+        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            n = next((i for i in range(n) if p[i] != first[i]), n)
+        return n if n >= self.min_shared_prefix else 0
 
     def _events(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, capture: Capture,
                 timings: dict[str, float], row_ids: Sequence[int] | None = None,
                 ) -> Iterator[list[tuple[int, int, dict[str, np.ndarray]]]]:
         """Yield, per decode step, ``(row, token, captured values)`` for every row still running;
         a row's last event is its EOS token or the token that used up its budget."""
-        ids, seg, pos, lengths = self._layout(prompts)
-        n, t = ids.shape
+        lengths = self._check(prompts)
+        n = len(prompts)
         budget = np.minimum(sampling.max_new_tokens, self.max_seq_len - lengths)
         kind = SamplerKind.of(sampling, self.vocab)
         statics = dict(kind=kind, capture=capture)
@@ -242,13 +281,20 @@ class Generator:
         if row_ids is not None and len(row_ids) != n:
             raise ValueError(f"{len(row_ids)} row_ids for {n} prompts")
         keys = row_keys(sampling.seed, np.arange(n) if row_ids is None else np.asarray(row_ids))
-        params = nnx.state(self.model)
-        cache = init_cache(self.model.cfg, n, max(t, self._window(int(lengths.max()) + 1)),
-                           self.model.compute_dtype)
+        params = self._param_leaves()
+        shared = self._shared_prefix(prompts)
+        ids, pos, seg = self._layout([p[shared:] for p in prompts], offset=shared)
+        size = max(shared + ids.shape[1], self._window(int(lengths.max()) + 1))
 
         t0 = time.perf_counter()
-        tok, out, cache = self._prefill(self.graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
-                                        jnp.asarray(seg), keys, temperature, top_p, **statics)
+        if shared:  # prefill the common prefix once, copy it to every row, then the rest per row
+            one = init_cache(self.model.cfg, 1, size, self.model.compute_dtype)
+            _, _, one = self._prefill(params, one, *self._layout([prompts[0][:shared]]),
+                                      keys[:1], temperature, top_p, kind=kind, capture=Capture())
+            cache = self._take(one, np.zeros(n, np.int32))
+        else:
+            cache = init_cache(self.model.cfg, n, size, self.model.compute_dtype)
+        tok, out, cache = self._prefill(params, cache, ids, pos, seg, keys, temperature, top_p, **statics)
         slot_rows = np.arange(n)          # the prompt row each batch slot holds (-1: filler)
         index = lengths.astype(np.int64)  # per slot: the position (= cache slot) fed next
         produced, done = np.zeros(n, np.int64), np.zeros(n, bool)
@@ -270,8 +316,7 @@ class Generator:
                 need = int(index[live].max()) + 1
                 if need > cache.max_len:
                     cache = self._resize(cache, new_len=self._window(need))
-                tok, out, cache = self._decode(self.graphdef, params, cache, tok, keys, temperature, top_p,
-                                               **statics)
+                tok, out, cache = self._decode(params, cache, tok, keys, temperature, top_p, **statics)
                 index = index + 1
                 nxt = (tok, out, slot_rows)
             p_tok, p_out, p_rows = pending
@@ -381,7 +426,7 @@ class Generator:
         sampling = sampling or SamplingConfig()
         kind = SamplerKind.of(sampling, self.vocab)
         temperature, top_p = sampler_scalars(sampling)
-        params = nnx.state(self.model)
+        params = self._param_leaves()
         for b in batch_sizes:
             events = self._events([[self.pad_id]] * b, sampling, Capture(), {})
             for i, _ in enumerate(events):
@@ -394,5 +439,5 @@ class Generator:
             for size in sorted(sizes - {self._window(2)}):  # the loop above compiled the first
                 cache = init_cache(self.model.cfg, b, size, self.model.compute_dtype)
                 tok = jnp.full((b,), self.pad_id, jnp.int32)
-                jax.block_until_ready(self._decode(self.graphdef, params, cache, tok, keys, temperature,
-                                                   top_p, kind=kind, capture=Capture())[0])
+                jax.block_until_ready(self._decode(params, cache, tok, keys, temperature, top_p, kind=kind,
+                                                   capture=Capture())[0])
