@@ -61,10 +61,17 @@ test: setup system-deps
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"
 
+# Throughput reports (evals/results/bench_*.md). bench-generate measures this checkout side by side
+# with BASELINE (the code before issue 10), checked out once as a git worktree; it needs the
+# teacher weights too (make setup-teacher). Run alone on the machine: it takes about an hour.
+BASELINE     ?= b9562dc
+BASELINE_DIR ?= $(CURDIR)/.bench-baseline-$(BASELINE)
 bench: bench-generate
+	$(BIN)/python -m evals.bench_kd_step
 
 bench-generate: setup
-	$(BIN)/python -m evals.bench_generate --model $(or $(MODEL),$(BASE_MODEL))
+	test -d $(BASELINE_DIR) || git worktree add --detach $(BASELINE_DIR) $(BASELINE)
+	$(BIN)/python -m evals.bench_generate --model $(or $(MODEL),$(BASE_MODEL)) --baseline-src $(BASELINE_DIR)
 
 # Rebuild the committed reports from the committed per-model results (no model runs).
 report: setup

@@ -1,33 +1,52 @@
-"""Generation throughput: jaxkd ``Generator`` vs transformers ``generate`` on the same model.
+"""Generation throughput: jaxkd's Generator vs an older jaxkd vs transformers, and the teacher stage.
 
-    python -m evals.bench_generate --model qwen2.5-coder-0.5b-instruct
+    flock /tmp/jaxkd-bigmem.lock python -m evals.bench_generate --baseline-src DIR
 
-Same GGUF weights (jaxkd reads its cached float32 HF conversion; transformers loads the GGUF
-file itself with ``gguf_file=``), same chat-formatted troubleshooting prompts, same machine,
-greedy, float32, exactly ``--new-tokens`` tokens per row (EOS is ignored on both sides), batch 1
-and batch 8, in one run. Each figure is also given as a share of the weight-streaming roofline:
-every decode step reads every weight once except the embedding table (a row gather), so
-``roofline tok/s = batch * bandwidth / bytes_per_step`` with the read bandwidth measured here.
-Writes ``evals/results/bench_generate.{json,md}``. Run it alone (``flock /tmp/jaxkd-bigmem.lock``).
+``DIR`` is a checkout of the implementation to compare against (e.g. ``git worktree add
+/tmp/jaxkd-base b9562dc``). One run, on one machine:
+
+1. machine: CPU, versions, and the memory read bandwidth (a 1 GiB reduction, jax and numpy);
+2. layout: ``evals.bench_layout`` (projection weight layout and weight storage dtype);
+3. decode (the 0.5B): this jaxkd, the baseline jaxkd and transformers (torch, CPU) on the same
+   chat-formatted troubleshooting prompts, greedy, float32, exactly N new tokens per row (EOS
+   ignored), batch 1, 8 and 32, with each implementation's share of the weight-streaming
+   roofline ``batch * bandwidth / weight bytes read per step``;
+4. weights: the real 0.5B with bf16 weights (f32 or bf16 compute) next to f32: decode speed and
+   agreement with f32 (issue 10 item 7; int8 is in the layout microbenchmark);
+5. teacher (the 1.5B): the teacher stage itself (``run_teacher``: real teacher prompts, top-k
+   capture, cache writes into a fresh directory) on the first P prompts of each checkout's
+   ``configs/cpu_default.yaml`` (each at its configured batch size); overall tok/s =
+   generated tokens / wall time of the stage.
+
+Each implementation runs in its own process (``evals/bench_worker.py``, PYTHONPATH set to its
+checkout), all loaded at once, and the timed repetitions are interleaved: repetition r of every
+implementation runs before repetition r + 1 of any, so load on a shared machine hits all alike.
+Every figure is the min and median of ``--reps`` (>= 5) timed repetitions after one warm-up.
+Writes ``evals/results/bench_generate.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import importlib.metadata
 import json
 import os
 import platform
 import shlex
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "evals" / "results"
+WORKER = Path(__file__).resolve().with_name("bench_worker.py")
 QUESTIONS = [
     "My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?",
     "My soundbar has no sound from the TV over HDMI ARC. What should I check?",
@@ -38,25 +57,61 @@ QUESTIONS = [
     "The wireless subwoofer of my soundbar keeps cutting out. How do I re-pair it?",
     "My robot vacuum stops in the middle of a room and says the wheel is stuck. What should I do?",
 ]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Memory read bandwidth (GB/s): best of ``repeats`` full reductions of a ``gib`` GiB array,
-    with numpy (one thread) and with a jitted jax sum (XLA's CPU threads)."""
+class Worker:
+    """A bench_worker.py process running one implementation."""
+
+    def __init__(self, name: str, src: Path):
+        self.name = name
+        env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
+        self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))
+
+    def call(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                out = json.loads(line[2:])
+                if not out.pop("ok"):
+                    raise RuntimeError(f"worker {self.name}: {out['error']}\n{out['trace']}")
+                return out
+        raise RuntimeError(f"worker {self.name} exited with {self.proc.wait()}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=120)
+
+
+def stats(values: Sequence[float]) -> dict[str, float]:
+    return {"min": float(min(values)), "median": float(statistics.median(values)), "n": len(values)}
+
+
+def measure_bandwidth(reps: int, gib: float = 1.0) -> dict[str, Any]:
+    """Memory read bandwidth (GB/s): full reductions of a ``gib`` GiB float32 array with numpy
+    (one thread) and a jitted jax sum (XLA's CPU threads); min / median seconds of ``reps``."""
     import jax
     import jax.numpy as jnp
 
     n = int(gib * (1 << 30)) // 4
     x_np = np.random.default_rng(0).random(n, dtype=np.float32)
-    best_np = min(_timed(lambda: x_np.sum(dtype=np.float32)) for _ in range(repeats))
+    x_np.sum()
+    t_np = [_timed(lambda: x_np.sum(dtype=np.float32)) for _ in range(reps)]
     x_j = jnp.asarray(x_np)
     del x_np
     f = jax.jit(lambda a: jnp.sum(a))
     f(x_j).block_until_ready()
-    best_j = min(_timed(lambda: f(x_j).block_until_ready()) for _ in range(repeats))
+    t_j = [_timed(lambda: f(x_j).block_until_ready()) for _ in range(reps)]
     del x_j
-    return {"numpy_GBps": n * 4 / best_np / 1e9, "jax_GBps": n * 4 / best_j / 1e9, "array_GiB": gib}
+    gb = n * 4 / 1e9
+    return {"array_GiB": gib, "numpy_s": stats(t_np), "jax_s": stats(t_j),
+            "numpy_GBps": gb / min(t_np), "jax_GBps": gb / min(t_j),
+            "best_GBps": max(gb / min(t_np), gb / min(t_j))}
 
 
 def _timed(fn) -> float:
@@ -65,213 +120,227 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def weight_bytes_per_step(model) -> tuple[int, int]:
-    """(bytes of weights read per decode step, total parameter bytes)."""
-    import jax
-    from flax import nnx
-
-    total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    emb = model.embed_tokens.weight[...]
-    gathered = emb.size * emb.dtype.itemsize if model.lm_head is not None else 0  # tied: head reads it
-    return total - gathered, total
-
-
-def chat_prompts(tokenizer, n: int) -> list[list[int]]:
+def chat_prompts(model: str, n: int) -> list[list[int]]:
     from jaxkd.data.formatting import SYSTEM_PROMPT
+    from jaxkd.models import resolve_hf_dir, resolve_spec
+    from jaxkd.models.generate import chat_ids
+    from jaxkd.models.tokenizer import load_tokenizer
 
-    out = []
-    for q in (QUESTIONS * ((n + len(QUESTIONS) - 1) // len(QUESTIONS)))[:n]:
-        ids = tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
-                                             {"role": "user", "content": q}],
-                                            add_generation_prompt=True, tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        out.append([int(i) for i in ids])
-    return out
-
-
-def bench_jaxkd(model_name: str, batch_sizes: Sequence[int], new_tokens: int) -> dict[str, Any]:
-    from jaxkd.config import SamplingConfig
-    from jaxkd.models import load_pretrained
-    from jaxkd.models.generate import Generator
-
-    t0 = time.perf_counter()
-    pre = load_pretrained(model_name, param_dtype="float32", compute_dtype="float32")
-    load_s = time.perf_counter() - t0
-    step_bytes, total_bytes = weight_bytes_per_step(pre.model)
-    gen = Generator(pre.model, pre.tokenizer, max_seq_len=1024, prompt_bucket=64)
-    gen.eos_ids = frozenset()  # benchmark: always generate exactly new_tokens per row
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0.0)
-    out: dict[str, Any] = {"load_s": load_s, "weight_bytes_per_step": step_bytes,
-                           "param_bytes": total_bytes, "hf_dir": str(pre.hf_dir), "runs": {}}
-    for b in batch_sizes:
-        prompts = chat_prompts(pre.tokenizer, b)
-        t = time.perf_counter()
-        gen.generate(prompts, sampling)  # compile (or load from the persistent cache) + warm
-        warm_s = time.perf_counter() - t
-        t = time.perf_counter()
-        res = gen.generate(prompts, sampling)
-        wall = time.perf_counter() - t
-        assert all(len(tk) == new_tokens for tk in res.tokens), [len(tk) for tk in res.tokens]
-        out["runs"][b] = _figures(b, new_tokens, wall, res.prefill_s, res.decode_s,
-                                  first_row=pre.tokenizer.decode(res.tokens[0][:40]), warm_s=warm_s,
-                                  prompt_lens=[len(p) for p in prompts])
-        print(f"jaxkd b={b}: {out['runs'][b]['decode_tok_s']:.2f} tok/s decode", file=sys.stderr)
-    del gen, pre
-    gc.collect()
-    return out
-
-
-def bench_transformers(hf_dir: str, gguf_path: Path, batch_sizes: Sequence[int],
-                       new_tokens: int) -> dict[str, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                 dtype=torch.float32).eval()
-    load_s = time.perf_counter() - t0
-    tok = AutoTokenizer.from_pretrained(hf_dir)  # the same tokenizer jaxkd uses
-    tok.padding_side = "left"
-    out: dict[str, Any] = {"load_s": load_s, "torch_threads": torch.get_num_threads(), "runs": {}}
-
-    def run(prompts: list[list[int]], n: int) -> tuple[float, Any]:
-        batch = tok.pad({"input_ids": prompts}, return_tensors="pt")
-        t = time.perf_counter()
-        with torch.inference_mode():
-            seq = model.generate(**batch, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=tok.pad_token_id)
-        return time.perf_counter() - t, seq[:, batch["input_ids"].shape[1]:]
-
-    for b in batch_sizes:
-        prompts = chat_prompts(tok, b)
-        run(prompts, 4)  # warm
-        prefill_s = min(run(prompts, 1)[0] for _ in range(2))
-        wall, seq = run(prompts, new_tokens)
-        assert seq.shape == (b, new_tokens), seq.shape
-        out["runs"][b] = _figures(b, new_tokens, wall, prefill_s, wall - prefill_s,
-                                  first_row=tok.decode(seq[0][:40]),
-                                  prompt_lens=[len(p) for p in prompts])
-        print(f"transformers b={b}: {out['runs'][b]['decode_tok_s']:.2f} tok/s decode", file=sys.stderr)
-    del model
-    gc.collect()
-    return out
-
-
-def _figures(b: int, n: int, wall: float, prefill_s: float, decode_s: float, **extra) -> dict:
-    return {"batch": b, "new_tokens_per_row": n, "wall_s": wall, "prefill_s": prefill_s,
-            "decode_s": decode_s, "end_to_end_tok_s": b * n / wall,
-            "decode_tok_s": b * (n - 1) / decode_s, **extra}
+    tok = load_tokenizer(resolve_hf_dir(resolve_spec(model)))
+    qs = (QUESTIONS * (n // len(QUESTIONS) + 1))[:n]
+    return [chat_ids(tok, [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}])
+            for q in qs]
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
+    cpu, simd, mem_kb = "unknown", [], 0
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags"))
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+        flags = next(line for line in info if line.startswith("flags"))
         simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma") if f" {f}" in flags]
-        mem_kb = int(next(l for l in Path("/proc/meminfo").read_text().splitlines()
-                          if l.startswith("MemTotal")).split()[1])
+        mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                          if line.startswith("MemTotal")).split()[1])
     except (OSError, StopIteration):
-        simd, mem_kb = [], 0
+        pass
     versions = {}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "gguf"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"cpu": cpu, "simd": simd, "cores": os.cpu_count(), "ram_GiB": round(mem_kb / 2**20, 1),
-            "python": platform.python_version(), "platform": platform.platform(), "versions": versions}
+    return {"host": platform.node(), "cpu": cpu, "simd": simd, "cores": os.cpu_count(),
+            "ram_GiB": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "versions": versions,
+            "load_avg_at_start": os.getloadavg()}
 
 
-def write_markdown(res: dict[str, Any], path: Path) -> None:
-    m, bw = res["machine"], res["bandwidth"]
-    j, h = res["jaxkd"], res["transformers"]
-    lines = [
-        "# Generation benchmark: jaxkd vs transformers",
-        "",
-        f"Command: `{res['command']}` ({res['date']})",
-        "",
-        f"Model: {res['model']} (GGUF Q4_K_M dequantised to float32; both sides use the same weights), "
-        f"greedy, {res['new_tokens']} new tokens per row (EOS ignored), chat-formatted "
-        f"troubleshooting prompts of {', '.join(map(str, j['runs'][max(j['runs'])]['prompt_lens']))} tokens.",
-        "",
-        f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {m['cores']} cores, {m['ram_GiB']} GiB RAM, "
-        f"Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".",
-        "",
-        f"Measured memory read bandwidth: {bw['jax_GBps']:.1f} GB/s (jitted jax sum over "
-        f"{bw['array_GiB']} GiB), {bw['numpy_GBps']:.1f} GB/s (numpy, one thread); the roofline "
-        f"uses the higher, {res['roofline_GBps']:.1f} GB/s. Weights read per decode step: "
-        f"{j['weight_bytes_per_step'] / 1e9:.3f} GB (all parameters {j['param_bytes'] / 1e9:.3f} GB "
-        f"minus the embedding table, which is gathered).",
-        "",
-        "| batch | roofline tok/s | jaxkd decode tok/s | share of roofline | transformers decode tok/s "
-        "| share of roofline | jaxkd / transformers | jaxkd end-to-end tok/s | transformers end-to-end tok/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for b in res["batch_sizes"]:
-        jr, hr, roof = j["runs"][b], h["runs"][b], res["roofline_tok_s"][b]
-        lines.append(
-            f"| {b} | {roof:.2f} | {jr['decode_tok_s']:.2f} | {jr['decode_tok_s'] / roof:.0%} | "
-            f"{hr['decode_tok_s']:.2f} | {hr['decode_tok_s'] / roof:.0%} | "
-            f"{jr['decode_tok_s'] / hr['decode_tok_s']:.2f}x | {jr['end_to_end_tok_s']:.2f} | "
-            f"{hr['end_to_end_tok_s']:.2f} |")
-    lines += [
-        "",
-        "Decode tok/s = batch x (new tokens - 1) / time after the first token; transformers' prefill "
-        "time is measured as a separate 1-token generate. End-to-end includes prefill.",
-        f"Targets (not test assertions): >= 1.3x transformers at batch 1, >= 2x at batch 8, batch-1 "
-        f">= 80% of roofline. Load: jaxkd {j['load_s']:.1f} s (cached HF conversion), "
-        f"transformers {h['load_s']:.1f} s (parses + dequantises the GGUF); torch threads "
-        f"{h['torch_threads']}.",
-        "",
-        f"First row, jaxkd: {j['runs'][1]['first_row']!r}",
-        "",
-        f"First row, transformers: {h['runs'][1]['first_row']!r}",
-        "",
-    ]
-    path.write_text("\n".join(lines))
+def git_rev(src: Path) -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+uncommitted" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_layout(reps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "layout.json"
+        subprocess.run([sys.executable, "-m", "evals.bench_layout", "--reps", str(reps), "--dtypes",
+                        "--out", str(out)], check=True, cwd=str(ROOT), stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())
+
+
+def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], new_tokens: Sequence[int],
+               reps: int) -> dict[str, Any]:
+    workers = {name: Worker(name, src) for name, src in impls.items()}
+    out: dict[str, Any] = {"impls": {}, "runs": {}}
+    try:
+        for name, w in workers.items():
+            kind = "transformers" if name == "transformers" else "jaxkd"
+            out["impls"][name] = w.call(op="load", impl=kind, model=model)
+            print(f"loaded {name}: {out['impls'][name]}", file=sys.stderr, flush=True)
+        for b, n in zip(batch_sizes, new_tokens):
+            prompts = chat_prompts(model, b)
+            for w in workers.values():
+                w.call(op="decode", prompts=prompts, new_tokens=n)  # warm-up (compiles)
+            reps_out: dict[str, list[dict]] = {name: [] for name in workers}
+            for r in range(reps):
+                for name, w in workers.items():
+                    reps_out[name].append(w.call(op="decode", prompts=prompts, new_tokens=n))
+                print(f"decode b={b} rep {r}: " + ", ".join(
+                    f"{k} {b * (n - 1) / v[-1]['decode_s']:.2f} tok/s" for k, v in reps_out.items()),
+                    file=sys.stderr, flush=True)
+            out["runs"][str(b)] = {
+                "batch": b, "new_tokens": n, "prompt_lens": [len(p) for p in prompts],
+                **{name: {"decode_s": stats([x["decode_s"] for x in xs]),
+                          "prefill_s": stats([x["prefill_s"] for x in xs]),
+                          "wall_s": stats([x["wall_s"] for x in xs]),
+                          "decode_tok_s_best": b * (n - 1) / min(x["decode_s"] for x in xs),
+                          "decode_tok_s_median": b * (n - 1) / statistics.median(x["decode_s"] for x in xs),
+                          "e2e_tok_s_median": b * n / statistics.median(x["wall_s"] for x in xs),
+                          "first_row_tokens": xs[0]["tokens"][:40]}
+                   for name, xs in reps_out.items()}}
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
+
+
+WEIGHT_VARIANTS = {"f32": ("float32", "float32"), "bf16 weights, f32 compute": ("bfloat16", "float32"),
+                   "bf16 weights, bf16 compute": ("bfloat16", "bfloat16")}
+
+
+def run_weights(model: str, batch_sizes: Sequence[int], new_tokens: int, reps: int) -> dict[str, Any]:
+    """Weight storage attempts (issue 10 item 7) on the real model: decode speed next to f32,
+    interleaved, and agreement with f32 (last-token logits of a prompt, greedy tokens)."""
+    workers = {name: Worker(name, ROOT) for name in WEIGHT_VARIANTS}
+    out: dict[str, Any] = {"new_tokens": new_tokens, "runs": {}, "parity": {}}
+    try:
+        for name, w in workers.items():
+            param, compute = WEIGHT_VARIANTS[name]
+            w.call(op="load", impl="jaxkd", model=model, param_dtype=param, compute_dtype=compute)
+        prompt = chat_prompts(model, 1)[0]
+        ref = np.asarray(workers["f32"].call(op="logits", prompt=prompt)["logits"])
+        for b in batch_sizes:
+            prompts = chat_prompts(model, b)
+            for w in workers.values():
+                w.call(op="decode", prompts=prompts, new_tokens=new_tokens)
+            reps_out: dict[str, list[dict]] = {name: [] for name in workers}
+            for _ in range(reps):
+                for name, w in workers.items():
+                    reps_out[name].append(w.call(op="decode", prompts=prompts, new_tokens=new_tokens))
+            out["runs"][str(b)] = {name: {"decode_s": stats([x["decode_s"] for x in xs]),
+                                          "decode_tok_s_median": b * (new_tokens - 1) / statistics.median(
+                                              x["decode_s"] for x in xs),
+                                          "tokens": xs[0]["tokens"]} for name, xs in reps_out.items()}
+            print(f"weights b={b}: " + ", ".join(f"{k} {v['decode_tok_s_median']:.2f} tok/s" for k, v in
+                                                 out["runs"][str(b)].items()), file=sys.stderr, flush=True)
+        for name, w in workers.items():
+            got = np.asarray(w.call(op="logits", prompt=prompt)["logits"])
+            toks = out["runs"][str(batch_sizes[0])][name]["tokens"]
+            ref_toks = out["runs"][str(batch_sizes[0])]["f32"]["tokens"]
+            agree = next((i for i, (a, c) in enumerate(zip(toks, ref_toks)) if a != c), len(ref_toks))
+            out["parity"][name] = {"max_abs_logit_diff": float(np.abs(got - ref).max()),
+                                   "logit_scale": float(np.abs(ref).max()),
+                                   "same_argmax": bool(got.argmax() == ref.argmax()),
+                                   "greedy_tokens_equal_to_f32": agree}
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
+
+
+def run_teacher(impls: dict[str, tuple[Path, Path]], prompts: int, reps: int, model: str) -> dict[str, Any]:
+    workers = {name: Worker(name, src) for name, (src, _) in impls.items()}
+    out: dict[str, Any] = {"impls": {}, "prompts": prompts}
+    try:
+        for name, w in workers.items():
+            out["impls"][name] = w.call(op="load", impl="jaxkd", model=model)
+        reps_out: dict[str, list[dict]] = {name: [] for name in workers}
+        for r in range(reps + 1):  # rep 0: warm-up
+            for name, w in workers.items():
+                res = w.call(op="teacher", config=str(impls[name][1]), limit=prompts)
+                if r:
+                    reps_out[name].append(res)
+                print(f"teacher rep {r}{' (warm-up)' if not r else ''} {name}: {res['new_tokens']} tokens "
+                      f"in {res['wall_s']:.1f}s = {res['new_tokens'] / res['wall_s']:.2f} tok/s "
+                      f"(batch {res['batch_size']})", file=sys.stderr, flush=True)
+        for name, xs in reps_out.items():
+            toks = xs[0]["new_tokens"]
+            out[name] = {"wall_s": stats([x["wall_s"] for x in xs]), "new_tokens": toks,
+                         "batch_size": xs[0]["batch_size"], "topk_rows": xs[0]["topk_rows"],
+                         "tok_s_best": toks / min(x["wall_s"] for x in xs),
+                         "tok_s_median": toks / statistics.median(x["wall_s"] for x in xs),
+                         "first_answer_ids": xs[0]["first_answer_ids"]}
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.bench_generate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="a packaged preset name")
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="decode benchmark preset (packaged)")
+    ap.add_argument("--teacher-model", default="qwen2.5-coder-1.5b-instruct")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[128, 128, 64],
+                    help="new tokens per row, one per batch size (or one for all)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--baseline-src", type=Path, default=None,
+                    help="a checkout of the jaxkd to compare against (e.g. a worktree of b9562dc)")
+    ap.add_argument("--teacher-prompts", type=int, default=16, help="teacher prompts per repetition")
+    ap.add_argument("--weights-new-tokens", type=int, default=32, help="new tokens per row, weight-dtype attempts")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["layout", "transformers", "decode", "weights", "teacher"])
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_generate")
     args = ap.parse_args(argv)
+    if args.reps < 5:
+        raise SystemExit("--reps must be >= 5 (every figure is the min and median of at least 5 repetitions)")
+    tokens = args.new_tokens * len(args.batch_sizes) if len(args.new_tokens) == 1 else args.new_tokens
+    if len(tokens) != len(args.batch_sizes):
+        raise SystemExit(f"--new-tokens: give one value or one per batch size ({len(args.batch_sizes)})")
+    if args.baseline_src is not None and not (args.baseline_src / "jaxkd" / "__init__.py").exists():
+        raise SystemExit(f"--baseline-src {args.baseline_src} is not a jaxkd checkout (no jaxkd/__init__.py)")
 
-    from jaxkd import assets
-    from jaxkd.config import WeightSource, load_model_spec
-
-    spec = load_model_spec(args.model)
-    if spec.source != WeightSource.PACKAGED:
-        raise SystemExit(f"--model must be a packaged (GGUF) preset so both sides load the same file; "
-                         f"{spec.name} is {spec.source.value}")
-    gguf_path = assets.asset_path(spec.location)
-    bw = measure_bandwidth()
-    print(f"bandwidth: {bw}", file=sys.stderr)
-    jx = bench_jaxkd(spec.name, args.batch_sizes, args.new_tokens)
-    hf = bench_transformers(jx["hf_dir"], gguf_path, args.batch_sizes, args.new_tokens)
-    roof_bw = max(bw["jax_GBps"], bw["numpy_GBps"])
-    res = {
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {
         "command": "python -m evals.bench_generate " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "model": spec.name, "gguf": spec.location, "new_tokens": args.new_tokens,
-        "batch_sizes": args.batch_sizes, "machine": machine(), "bandwidth": bw, "roofline_GBps": roof_bw,
-        "roofline_tok_s": {b: b * roof_bw * 1e9 / jx["weight_bytes_per_step"] for b in args.batch_sizes},
-        "jaxkd": jx, "transformers": hf,
-        "ratio_decode": {b: jx["runs"][b]["decode_tok_s"] / hf["runs"][b]["decode_tok_s"]
-                         for b in args.batch_sizes},
-    }
+        "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+        "reps": args.reps, "src": {"jaxkd": git_rev(ROOT)}}
+    if args.baseline_src is not None:
+        res["src"]["baseline"] = f"{git_rev(args.baseline_src)} ({args.baseline_src})"
+    res["bandwidth"] = measure_bandwidth(args.reps)
+    print(f"bandwidth: {res['bandwidth']['best_GBps']:.1f} GB/s", file=sys.stderr, flush=True)
+    if "layout" not in args.skip:
+        res["layout"] = run_layout(args.reps)
+    if "decode" not in args.skip:
+        impls = {"jaxkd": ROOT}
+        if args.baseline_src is not None:
+            impls["baseline"] = args.baseline_src
+        if "transformers" not in args.skip:
+            impls["transformers"] = ROOT
+        res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps)
+        res["decode"]["model"] = args.model
+    if "weights" not in args.skip:
+        res["weights"] = run_weights(args.model, [1, 8], args.weights_new_tokens, args.reps)
+        res["weights"]["model"] = args.model
+    if "teacher" not in args.skip:
+        impls_t = {"jaxkd": (ROOT, ROOT / "configs" / "cpu_default.yaml")}
+        if args.baseline_src is not None:
+            impls_t["baseline"] = (args.baseline_src, args.baseline_src / "configs" / "cpu_default.yaml")
+        res["teacher"] = run_teacher(impls_t, args.teacher_prompts, args.reps, args.teacher_model)
+        res["teacher"]["model"] = args.teacher_model
+    res["total_s"] = round(time.perf_counter() - t_start)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    if 1 in args.batch_sizes:
-        write_markdown(res, args.out.with_suffix(".md"))
-    print(args.out.with_suffix(".md").read_text() if 1 in args.batch_sizes else json.dumps(res["ratio_decode"]))
+    args.out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    from evals.bench_report import write_markdown
+
+    write_markdown(res, args.out.with_suffix(".md"))
+    print(args.out.with_suffix(".md").read_text())
     return 0
 
 

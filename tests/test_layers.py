@@ -65,17 +65,26 @@ def test_rmsnorm_matches_numpy():
 
 
 def test_projection_hf_layout_round_trip_and_math():
-    proj = Projection((7,), (3, 5), ("embed", "q_heads", "head_dim"), use_bias=True, rngs=nnx.Rngs(0),
+    proj = Projection((7,), (3, 5), ("q_heads", "head_dim", "embed"), use_bias=True, rngs=nnx.Rngs(0),
                       param_dtype=jnp.float32, compute_dtype=jnp.float32)
     w_hf = np.random.RandomState(2).randn(15, 7).astype(np.float32)  # [out, in] like torch Linear
     assert proj.hf_weight_shape() == (15, 7)
     mine = proj.from_hf(w_hf)
-    assert mine.shape == (7, 3, 5)
+    assert mine.shape == (3, 5, 7) and proj.weight.shape == (3, 5, 7)  # out_shape + in_shape
+    np.testing.assert_array_equal(mine[1, 2], w_hf[1 * 5 + 2])  # head 1, dim 2 is HF row 7
     np.testing.assert_array_equal(proj.to_hf(mine), w_hf)
     proj.weight[...] = jnp.asarray(mine)
+    proj.bias[...] = jnp.arange(15, dtype=jnp.float32).reshape(3, 5)
     x = np.random.RandomState(3).randn(2, 4, 7).astype(np.float32)
-    y = np.asarray(proj(jnp.asarray(x), "btd,dnh->btnh")).reshape(2, 4, 15)
-    assert np.abs(y - x @ w_hf.T).max() < 1e-5
+    y = np.asarray(proj(jnp.asarray(x), "btd,nhd->btnh")).reshape(2, 4, 15)
+    assert np.abs(y - (x @ w_hf.T + np.arange(15))).max() < 1e-5
+    # a multi-axis input side (o_proj: nh -> d) flattens the same way as HF's [d, n*h]
+    o = Projection((3, 5), (7,), ("embed", "q_heads", "head_dim"), use_bias=False, rngs=nnx.Rngs(0),
+                   param_dtype=jnp.float32, compute_dtype=jnp.float32)
+    w_o = np.random.RandomState(4).randn(7, 15).astype(np.float32)
+    o.weight[...] = jnp.asarray(o.from_hf(w_o))
+    h = np.random.RandomState(5).randn(2, 4, 3, 5).astype(np.float32)
+    assert np.abs(np.asarray(o(jnp.asarray(h), "btnh,dnh->btd")) - h.reshape(2, 4, 15) @ w_o.T).max() < 1e-5
 
 
 def test_params_carry_logical_names_and_need_rules_under_a_mesh():

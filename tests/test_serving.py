@@ -38,7 +38,7 @@ def logits(model) -> np.ndarray:
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     tok = byte_tokenizer()
-    d = write_hf_dir(tiny_config(), tiny_decoder(seed=5).hf_tensors(), root / "student", tokenizer=tok)
+    d = write_hf_dir(tiny_config(), tiny_decoder(seed=1).hf_tensors(), root / "student", tokenizer=tok)
     preset = root / "student.yaml"
     preset.write_text(f"name: tiny-student\nsource: hf\nlocation: {d}\n")
     records = {"train": tiny_records(2), "val": tiny_records(1)}
@@ -59,7 +59,7 @@ def trained(tmp_path_factory):
     expected = Generator(model, result.tokenizer, max_seq_len=512).chat([messages], GREEDY)[0]
     default_msgs = [{"role": "system", "content": serving._default_prompt()}, messages[1]]
     with_default = Generator(model, result.tokenizer, max_seq_len=512).chat([default_msgs], GREEDY)[0]
-    base = tiny_decoder(seed=5)
+    base = tiny_decoder(seed=1)
     return types.SimpleNamespace(root=root, run=cfg.run_dir, preset=preset, logits=logits(model),
                                  base_logits=logits(base), expected=expected, with_default=with_default,
                                  tok=tok, result=result)

@@ -77,12 +77,13 @@ def test_sharded_params_have_expected_specs(sharded_and_local):
         (sharded.embed_tokens.weight, P("tensor", "fsdp")),
         (sharded.lm_head.weight, P("tensor", "fsdp")),
         (sharded.norm.weight, P(None)),
-        (layer.self_attn.q_proj.weight, P("fsdp", "tensor", None)),
+        # projections are stored [out, in] (HF's layout, head axes split out)
+        (layer.self_attn.q_proj.weight, P("tensor", None, "fsdp")),
         (layer.self_attn.q_proj.bias, P("tensor", None)),
-        (layer.self_attn.k_proj.weight, P("fsdp", "tensor", None)),
-        (layer.self_attn.o_proj.weight, P("tensor", None, "fsdp")),
-        (layer.mlp.gate_proj.weight, P("fsdp", "tensor")),
-        (layer.mlp.down_proj.weight, P("tensor", "fsdp")),
+        (layer.self_attn.k_proj.weight, P("tensor", None, "fsdp")),
+        (layer.self_attn.o_proj.weight, P("fsdp", "tensor", None)),
+        (layer.mlp.gate_proj.weight, P("tensor", "fsdp")),
+        (layer.mlp.down_proj.weight, P("fsdp", "tensor")),
     ]
     for var, spec in expect:
         arr = var[...]
@@ -90,7 +91,7 @@ def test_sharded_params_have_expected_specs(sharded_and_local):
         assert arr.sharding.mesh.shape == mesh.shape
     # a q_proj shard really is a quarter of the weight (fsdp x tensor), replicated over data
     q = layer.self_attn.q_proj.weight[...]
-    assert q.addressable_shards[0].data.shape == (32, 2, 16)
+    assert q.shape == (4, 16, 64) and q.addressable_shards[0].data.shape == (2, 16, 32)
     # same values as the unsharded build from the same seed
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(sharded)), nnx.to_flat_state(nnx.state(local))):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(path))
@@ -147,8 +148,8 @@ def test_real_configs_param_count_and_divisibility_without_memory(cfg, expected)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
     assert count_params(model) == expected == _qwen2_param_count(cfg)
     specs = param_specs(model)
-    assert specs["layers.0.self_attn.k_proj.weight"] == ((cfg.hidden_size, cfg.num_kv_heads, 128),
-                                                         ("embed", "kv_heads", "head_dim"))
+    assert specs["layers.0.self_attn.k_proj.weight"] == ((cfg.num_kv_heads, 128, cfg.hidden_size),
+                                                         ("kv_heads", "head_dim", "embed"))
     assert ("lm_head.weight" in specs) == (not cfg.tie_embeddings)
     for mesh in (make_mesh(fsdp=8), make_mesh(fsdp=4, tensor=2)):
         assert sharding_problems(model, mesh) == []

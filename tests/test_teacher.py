@@ -38,23 +38,40 @@ def _cfg(tmp_path, **teacher_kw) -> RunConfig:
 def test_topk_entries_are_the_distributions_that_produced_each_answer_token(model, tok):
     prompts = [T.chat_ids(tok, [{"role": "user", "content": q}]) for q in ("hello there", "why?")]
     sampling = SamplingConfig(max_new_tokens=9)
-    outs, timing = T.generate_with_topk(model, prompts, sampling, eos_ids=tok.generation_eos_ids,
-                                        pad_id=tok.pad_token_id, vocab=TOKENIZER_VOCAB, top_k=4,
-                                        prompt_bucket=16)
     gen = Generator(model, tok, max_seq_len=256, prompt_bucket=16)
+    out = gen.generate(prompts, sampling, topk=4, topk_vocab=TOKENIZER_VOCAB)
     ref = gen.generate(prompts, sampling)
-    for p, out, ref_tokens in zip(prompts, outs, ref.tokens):
-        assert out.tokens == ref_tokens  # same greedy answer as the shared Generator
-        targets = out.tokens + ([out.eos_id] if out.eos_id is not None else [])
-        assert out.topk_ids.shape == (len(targets), 4)
+    assert out.tokens == ref.tokens  # capturing top-k does not change the answer
+    for i, p in enumerate(prompts):
+        targets = out.tokens[i] + ([out.eos_tokens[i]] if out.eos_tokens[i] is not None else [])
+        assert out.topk_ids[i].shape == (len(targets), 4) == out.topk_logprobs[i].shape
         ids = jnp.asarray([p + targets])
         logits, _ = model(ids, jnp.arange(ids.shape[1])[None])
         logp = jax.nn.log_softmax(logits[0, :, :TOKENIZER_VOCAB], axis=-1)
         for j, target in enumerate(targets):
             row = np.asarray(logp[len(p) - 1 + j])
-            assert out.topk_ids[j, 0] == target == row.argmax()  # greedy: top-1 is the token
-            np.testing.assert_allclose(out.topk_logprobs[j], row[out.topk_ids[j]], atol=2e-5)
-            assert (out.topk_ids[j] < TOKENIZER_VOCAB).all()  # padded vocab rows never cached
+            assert out.topk_ids[i][j, 0] == target == row.argmax()  # greedy: top-1 is the token
+            np.testing.assert_allclose(out.topk_logprobs[i][j], row[out.topk_ids[i][j]], atol=2e-5)
+            assert (out.topk_ids[i][j] < TOKENIZER_VOCAB).all()  # padded vocab rows never cached
+
+
+def test_teacher_stage_runs_longest_prompts_first_and_keeps_every_answer(model, tok, tmp_path):
+    """Length-sorted batching changes the order of work, not the answers: each cached answer
+    equals that prompt answered alone."""
+    cfg = _cfg(tmp_path, batch_size=4)
+    items = T.teacher_prompts(cfg, "train", records=tiny_records(3))
+    order = []
+    summary = T.run_teacher(cfg, model, tok, items=items, log=order.append, progress=False)
+    assert summary["generated"] == len(items) == 9 and summary["new_tokens"] > 0
+    assert "batch of 4 (prompts" in order[1]
+    cache = TeacherCache(cfg.teacher.cache_dir)
+    gen = Generator(model, tok, max_seq_len=2048, prompt_bucket=16)
+    lengths = [len(T.chat_ids(tok, it.teacher_messages)) for it in items]
+    assert len(set(lengths)) > 1  # the sort had something to do
+    for it in items[:3]:
+        alone = gen.generate([T.chat_ids(tok, it.teacher_messages)], cfg.teacher.sampling)
+        e = cache.get(it.key)
+        assert e.answer_ids == alone.tokens[0] and e.eos_id == alone.eos_tokens[0]
 
 
 def test_cache_resumes_and_grounded_never_mixes_with_ungrounded(model, tok, tmp_path):

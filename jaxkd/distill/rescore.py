@@ -20,7 +20,12 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, load_exported
-from jaxkd.distill.teacher import _round_up, chat_ids
+from jaxkd.models.generate import chat_ids
+from jaxkd.models.sampling import topk_logprobs
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "k", "vocab"))
@@ -29,10 +34,8 @@ def _answer_topk(graphdef, params, ids_bt, pos_bt, seg_bt, gather_bn, temperatur
     h_btd, _ = model(ids_bt, pos_bt, segment_ids_bt=seg_bt, return_hidden=True)
     # Project only the positions that predict answer tokens: [B, N, D] -> [B, N, V].
     h_bnd = jnp.take_along_axis(h_btd, gather_bn[..., None], axis=1)
-    logits_bnv = model.logits_from_hidden(h_bnd)[..., :vocab].astype(jnp.float32)
-    logp_bnv = jax.nn.log_softmax(logits_bnv / temperature, axis=-1)
-    values_bnk, ids_bnk = jax.lax.top_k(logp_bnv, k)
-    return ids_bnk.astype(jnp.int32), values_bnk
+    # the very function the Generator captures top-k with while decoding
+    return topk_logprobs(model.logits_from_hidden(h_bnd), k, vocab, temperature)
 
 
 def answer_topk(model: Any, prompts: Sequence[Sequence[int]], targets: Sequence[Sequence[int]], *,

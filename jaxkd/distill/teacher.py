@@ -1,9 +1,11 @@
 """The teacher stage: answer the training prompts once, keep the answers and their top-k logits.
 
-``generate_with_topk`` is a KV-cache decode loop (the same prefill/decode structure as
-``jaxkd.models.generate``, whose sampler it reuses) that also returns, at every generated
-position, the top-k log-probs of the teacher distribution that produced that token. Those are
-the soft targets for answer token j, captured for free while decoding: no second forward pass.
+The answers come from the shared ``jaxkd.models.generate.Generator``, which also returns, at
+every generated position, the top-k log-probs of the teacher distribution that produced that
+token (``generate(..., topk=...)``). Those are the soft targets for answer token j, captured for
+free while decoding: no second forward pass. Prompts run longest first in large batches of
+similar lengths (``teacher.batch_size``), so little of a batch is padding, and finished answers
+are committed to the cache batch by batch (resumable).
 
 Grounding (``teacher.grounding``): ``none`` asks the teacher exactly what the student is asked;
 ``reference`` adds the record's ordered steps, required key terms and safety notes to the
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import functools
 import platform
 import re
 import shlex
@@ -22,18 +23,15 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
+from tqdm.auto import tqdm
 
-from jaxkd.config import RunConfig, SamplingConfig, to_dict
+from jaxkd.config import RunConfig, to_dict
 from jaxkd.data.formatting import SYSTEM_PROMPT, example_id, example_meta, prompt_messages
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, cache_key, export_answers
-from jaxkd.models.decoder import init_cache
-from jaxkd.models.generate import SamplerKind, chat_ids, sample_tokens  # noqa: F401 (chat_ids re-exported)
+from jaxkd.models.generate import Generator, chat_ids  # noqa: F401 (chat_ids re-exported)
 
 Message = dict[str, str]
 
@@ -108,124 +106,6 @@ def real_vocab_size(tokenizer: Any, model_vocab: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Decoding with top-k capture
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class TeacherOutput:
-    tokens: list[int]            # answer tokens, end-of-turn token excluded
-    eos_id: int | None           # the end-of-turn token, None if cut at max_new_tokens
-    topk_ids: np.ndarray         # [len(tokens) + (eos_id is not None), k] int32
-    topk_logprobs: np.ndarray    # same shape, float32, at logit_temperature
-    finish_reason: str
-
-
-def _topk(logits_bv: jax.Array, k: int, vocab: int, temperature: float) -> tuple[jax.Array, jax.Array]:
-    logp_bv = jax.nn.log_softmax(logits_bv[:, :vocab].astype(jnp.float32) / temperature, axis=-1)
-    values_bk, ids_bk = jax.lax.top_k(logp_bv, k)
-    return ids_bk.astype(jnp.int32), values_bk
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "k", "vocab", "logit_temp"),
-                   donate_argnames=("cache",))
-def _prefill(graphdef, params, cache, ids_bt, pos_bt, seg_bt, key, temperature, top_p, *, kind, k,
-             vocab, logit_temp):
-    model = nnx.merge(graphdef, params)
-    h_btd, cache = model(ids_bt, pos_bt, cache=cache, segment_ids_bt=seg_bt, return_hidden=True)
-    logits_bv = model.logits_from_hidden(h_btd[:, -1:])[:, 0]
-    tok_b, _ = sample_tokens(logits_bv, jax.random.fold_in(key, 0), temperature, top_p, kind)
-    ids_bk, lp_bk = _topk(logits_bv, k, vocab, logit_temp)
-    return tok_b, ids_bk, lp_bk, cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "kind", "k", "vocab", "logit_temp"),
-                   donate_argnames=("cache",))
-def _decode(graphdef, params, cache, tok_b, pos_b, step, key, temperature, top_p, *, kind, k, vocab,
-            logit_temp):
-    model = nnx.merge(graphdef, params)
-    logits_b1v, cache = model(tok_b[:, None], pos_b[:, None], cache=cache)
-    logits_bv = logits_b1v[:, 0]
-    tok_b, _ = sample_tokens(logits_bv, jax.random.fold_in(key, step), temperature, top_p, kind)
-    ids_bk, lp_bk = _topk(logits_bv, k, vocab, logit_temp)
-    return tok_b, ids_bk, lp_bk, cache
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def generate_with_topk(model: Any, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                       eos_ids: Iterable[int], pad_id: int, vocab: int, top_k: int = 16,
-                       logit_temperature: float = 1.0, prompt_bucket: int = 64,
-                       cache_bucket: int = 256) -> tuple[list[TeacherOutput], dict[str, float]]:
-    """Generate for a batch of prompts (left-padded), returning answers and per-token top-k.
-
-    ``top_k`` = 0 still records nothing but the tokens (arrays of width 0).
-    """
-    eos = frozenset(int(e) for e in eos_ids)
-    b = len(prompts)
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    if lengths.min() == 0:
-        raise ValueError("every teacher prompt needs at least one token")
-    t = _round_up(int(lengths.max()), prompt_bucket)
-    ids = np.full((b, t), pad_id, np.int32)
-    seg = np.zeros((b, t), np.int32)
-    pos = np.zeros((b, t), np.int32)
-    for i, p in enumerate(prompts):
-        ids[i, t - len(p):], seg[i, t - len(p):], pos[i, t - len(p):] = p, 1, np.arange(len(p))
-    cache_len = _round_up(t + sampling.max_new_tokens, cache_bucket)
-    kind = SamplerKind(greedy=sampling.temperature == 0.0, top_k=min(sampling.top_k, vocab),
-                        use_top_p=sampling.top_p < 1.0)
-    statics = dict(kind=kind, k=max(top_k, 1), vocab=vocab, logit_temp=float(logit_temperature))
-    temperature = jnp.float32(max(sampling.temperature, 1e-6))
-    top_p = jnp.float32(sampling.top_p)
-    key = jax.random.key(sampling.seed)
-    graphdef, params = nnx.split(model)
-    cache = init_cache(model.cfg, b, cache_len, model.compute_dtype)
-
-    t0 = time.perf_counter()
-    tok, tk_ids, tk_lp, cache = _prefill(graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
-                                         jnp.asarray(seg), key, temperature, top_p, **statics)
-    tok_h = np.asarray(tok)
-    prefill_s = time.perf_counter() - t0
-    tokens: list[list[int]] = [[] for _ in range(b)]
-    rows_ids: list[list[np.ndarray]] = [[] for _ in range(b)]
-    rows_lp: list[list[np.ndarray]] = [[] for _ in range(b)]
-    eos_hit: list[int | None] = [None] * b
-    pos_b = jnp.asarray(lengths)
-    new_tokens = 0
-    for step in range(1, sampling.max_new_tokens + 1):
-        ids_h, lp_h = np.asarray(tk_ids), np.asarray(tk_lp)
-        for i in range(b):
-            if eos_hit[i] is not None or len(tokens[i]) >= sampling.max_new_tokens:
-                continue
-            new_tokens += 1
-            rows_ids[i].append(ids_h[i, :top_k])
-            rows_lp[i].append(lp_h[i, :top_k])
-            if int(tok_h[i]) in eos:
-                eos_hit[i] = int(tok_h[i])
-            else:
-                tokens[i].append(int(tok_h[i]))
-        if all(e is not None or len(tk) >= sampling.max_new_tokens for e, tk in zip(eos_hit, tokens)):
-            break
-        tok, tk_ids, tk_lp, cache = _decode(graphdef, params, cache, tok, pos_b, jnp.int32(step), key,
-                                            temperature, top_p, **statics)
-        pos_b = pos_b + 1
-        tok_h = np.asarray(tok)
-    decode_s = time.perf_counter() - t0 - prefill_s
-    outs = []
-    for i in range(b):
-        n = len(rows_ids[i])
-        outs.append(TeacherOutput(
-            tokens=tokens[i], eos_id=eos_hit[i],
-            topk_ids=np.stack(rows_ids[i]) if n else np.zeros((0, top_k), np.int32),
-            topk_logprobs=np.stack(rows_lp[i]).astype(np.float32) if n else np.zeros((0, top_k), np.float32),
-            finish_reason="eos" if eos_hit[i] is not None else "length"))
-    return outs, {"prefill_s": prefill_s, "decode_s": decode_s, "new_tokens": new_tokens}
-
-
-# --------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------
 
@@ -274,10 +154,12 @@ def provenance(cfg: RunConfig, extra: Mapping[str, Any] | None = None,
 
 
 def run_teacher(cfg: RunConfig, model: Any, tokenizer: Any, *, items: Sequence[PromptItem] | None = None,
-                log: Callable[[str], None] = print) -> dict[str, Any]:
+                log: Callable[[str], None] = print, progress: bool | None = None) -> dict[str, Any]:
     """Answer every prompt of ``cfg.teacher.splits`` not yet in the cache; returns a summary.
 
-    Resumable: done keys are skipped, each finished answer is committed before the next batch.
+    Prompts are sorted by length (longest first) and answered ``teacher.batch_size`` at a time;
+    each batch's answers are committed before the next batch starts (resumable: done keys are
+    skipped). ``progress``: a tqdm bar with tok/s and an ETA (None: only on a terminal).
     """
     tc = cfg.teacher
     cache = TeacherCache(tc.cache_dir)
@@ -285,47 +167,51 @@ def run_teacher(cfg: RunConfig, model: Any, tokenizer: Any, *, items: Sequence[P
         items = [it for s in tc.splits for it in teacher_prompts(cfg, s)]
     todo = [it for it in items if it.key not in cache]
     log(f"teacher {tc.preset} (grounding={tc.grounding}): {len(items)} prompts, {len(items) - len(todo)} "
-        f"cached, {len(todo)} to generate in batches of {tc.batch_size}")
-    eos_ids = set(int(e) for e in (getattr(tokenizer, "generation_eos_ids", None) or ()))
-    eos_ids |= set(int(e) for e in model.cfg.eos_token_ids)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        eos_ids.add(int(tokenizer.eos_token_id))
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad_id = int(pad) if pad is not None else min(eos_ids)
+        f"cached, {len(todo)} to generate in length-sorted batches of {tc.batch_size}")
+    prompts = [chat_ids(tokenizer, it.teacher_messages) for it in todo]
+    too_long = [it.example_id for it, p in zip(todo, prompts) if len(p) + tc.sampling.max_new_tokens > tc.max_seq_len]
+    if too_long:
+        raise ValueError(f"teacher prompts {too_long} + max_new_tokens exceed teacher.max_seq_len "
+                         f"{tc.max_seq_len}; raise it or lower teacher.sampling.max_new_tokens")
+    gen = Generator(model, tokenizer, max_seq_len=tc.max_seq_len, prompt_bucket=tc.prompt_bucket)
     vocab = real_vocab_size(tokenizer, model.cfg.vocab_size)
-    t_start, generated = time.perf_counter(), 0
-    decode_s = 0.0
-    for start in range(0, len(todo), tc.batch_size):
-        batch = todo[start:start + tc.batch_size]
-        prompts = [chat_ids(tokenizer, it.teacher_messages) for it in batch]
-        too_long = [it.example_id for it, p in zip(batch, prompts) if len(p) + tc.sampling.max_new_tokens > tc.max_seq_len]
-        if too_long:
-            raise ValueError(f"teacher prompts {too_long} + max_new_tokens exceed teacher.max_seq_len "
-                             f"{tc.max_seq_len}; raise it or lower teacher.sampling.max_new_tokens")
-        outs, timing = generate_with_topk(
-            model, prompts, tc.sampling, eos_ids=eos_ids, pad_id=pad_id, vocab=vocab, top_k=tc.top_k,
-            logit_temperature=tc.logit_temperature, prompt_bucket=tc.prompt_bucket)
-        decode_s += timing["decode_s"] + timing["prefill_s"]
-        generated += timing["new_tokens"]
-        for it, out in zip(batch, outs):
-            entry = TeacherEntry(
-                key=it.key, example_id=it.example_id, split=it.split,
-                meta=example_meta(it.record, it.question_index, f"teacher:{tc.preset}"),
-                preset=tc.preset, grounding=tc.grounding, sampling=to_dict(tc.sampling),
-                teacher_messages=it.teacher_messages, student_messages=it.student_messages,
-                answer=tokenizer.decode(out.tokens, skip_special_tokens=True),
-                answer_ids=out.tokens, eos_id=out.eos_id, finish_reason=out.finish_reason,
-                logit_temperature=tc.logit_temperature)
-            cache.append(entry, (out.topk_ids, out.topk_logprobs) if tc.top_k > 0 else None)
-        done = start + len(batch)
-        log(f"  {done}/{len(todo)} answers, batch {timing['new_tokens']} tokens in "
-            f"{timing['prefill_s'] + timing['decode_s']:.1f}s "
-            f"({timing['new_tokens'] / max(timing['decode_s'], 1e-9):.2f} tok/s decode), "
-            f"elapsed {time.perf_counter() - t_start:.0f}s")
+    order = sorted(range(len(todo)), key=lambda i: -len(prompts[i]))
+    t_start, generated, gen_s = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=len(todo), unit="answer", disable=(None if progress is None else not progress),
+               dynamic_ncols=True)
+    try:
+        for start in range(0, len(order), tc.batch_size):
+            batch = order[start:start + tc.batch_size]
+            out = gen.generate([prompts[i] for i in batch], tc.sampling, topk=tc.top_k,
+                               topk_temperature=tc.logit_temperature, topk_vocab=vocab)
+            gen_s += out.prefill_s + out.decode_s
+            generated += out.new_tokens
+            for j, i in enumerate(batch):
+                it = todo[i]
+                entry = TeacherEntry(
+                    key=it.key, example_id=it.example_id, split=it.split,
+                    meta=example_meta(it.record, it.question_index, f"teacher:{tc.preset}"),
+                    preset=tc.preset, grounding=tc.grounding, sampling=to_dict(tc.sampling),
+                    teacher_messages=it.teacher_messages, student_messages=it.student_messages,
+                    answer=tokenizer.decode(out.tokens[j], skip_special_tokens=True),
+                    answer_ids=out.tokens[j], eos_id=out.eos_tokens[j], finish_reason=out.finish_reasons[j],
+                    logit_temperature=tc.logit_temperature)
+                cache.append(entry, (out.topk_ids[j], out.topk_logprobs[j]) if tc.top_k > 0 else None)
+            elapsed = time.perf_counter() - t_start
+            bar.update(len(batch))
+            bar.set_postfix_str(f"{generated / max(elapsed, 1e-9):.1f} tok/s")
+            log(f"  {start + len(batch)}/{len(todo)} answers, batch of {len(batch)} (prompts "
+                f"{len(prompts[batch[-1]])}-{len(prompts[batch[0]])} tokens): {out.new_tokens} tokens in "
+                f"{out.prefill_s + out.decode_s:.1f}s ({out.new_tokens / max(out.prefill_s + out.decode_s, 1e-9):.2f} "
+                f"tok/s), elapsed {elapsed:.0f}s")
+    finally:
+        bar.close()
     wall = time.perf_counter() - t_start
     summary = {"prompts": len(items), "generated": len(todo), "new_tokens": generated,
-               "generation_s": round(decode_s, 1), "wall_s": round(wall, 1),
-               "tok_per_s": round(generated / decode_s, 3) if decode_s else None}
+               "generation_s": round(gen_s, 1), "wall_s": round(wall, 1),
+               "tok_per_s": round(generated / gen_s, 3) if gen_s else None,
+               "wall_tok_per_s": round(generated / wall, 3) if todo else None,
+               "batch_size": tc.batch_size}
     return summary
 
 

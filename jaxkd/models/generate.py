@@ -1,13 +1,21 @@
 """KV-cache generation: jitted prefill + jitted one-token decode step, a Python loop around them.
 
-- Prompts are left-padded to a multiple of ``prompt_bucket`` (segment id 0 marks padding) and
-  keep their own positions 0..L-1, so a row in a batch sees exactly what it would see alone.
-- The cache length is rounded up to a multiple of ``CACHE_BUCKET``, so a handful of shapes cover
-  most calls; the cache is donated to every step, so it is updated in place.
-- Sampling (greedy, temperature, top-k, top-p) runs inside the jitted step; the next token never
-  leaves the device to feed the next step. The host reads step t's tokens while step t+1 runs
-  (for EOS checks and streaming), so the loop does not stall on them.
-- ``prefill_fn`` / ``decode_fn`` are pure functions of (params, cache, ...), reusable by rollouts.
+- Prompts are right-padded to a multiple of ``prompt_bucket``; every row holds its tokens from
+  cache slot 0 and has its own next slot (``KVCache.index``), so rows are independent.
+- The cache is only as long as the filled window rounded up to ``window_bucket`` slots; it grows
+  (``resize_cache``) when a running row reaches its end. Attention reads the filled window only,
+  and a few shapes cover every call. The cache is donated to every step (updated in place).
+- Finished rows stop costing compute: once at most half the rows of a batch are still running,
+  the running ones are gathered (``take_rows``) into the next power-of-two batch, and the loop
+  stops as soon as every row is done (EOS or its token budget).
+- Sampling (``jaxkd.models.sampling``, one key per row) runs inside the jitted step; the next
+  token never leaves the device to feed the next step. The host reads step t's outputs while
+  step t+1 runs, so the loop does not stall on them.
+- Per generated token a step can also return (``Capture``) the base log-prob, the policy log-prob
+  under the sampler that drew it, and the top-k ids / log-probs at a given temperature over the
+  real vocabulary: the teacher stage, rescoring checks and GRPO read them from here.
+- ``prefill_fn`` / ``decode_fn`` are pure functions of (params, cache, ...); with the cache
+  helpers of ``jaxkd.models.kvcache`` they are the pieces a serving loop composes.
 """
 
 from __future__ import annotations
@@ -22,17 +30,26 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.config import SamplingConfig
-from jaxkd.models.decoder import Decoder, KVCache, init_cache
+from jaxkd.models.decoder import Decoder
+from jaxkd.models.kvcache import KVCache, init_cache, resize_cache, take_rows
+from jaxkd.models.sampling import (SamplerKind, base_logprobs, row_keys, sample_tokens, sampler_scalars,
+                                   step_keys, take_token, topk_logprobs)
 
-CACHE_BUCKET = 256
+__all__ = ["Capture", "GenerationOutput", "Generator", "SamplerKind", "TextDeltas", "chat_ids",
+           "decode_fn", "prefill_fn", "WINDOW_BUCKET"]
+
+WINDOW_BUCKET = 256  # cache slots are allocated (and attended over) in multiples of this
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-    """New tokens per prompt (cut before EOS), their base-model log-probs, and timings.
+    """New tokens per prompt (cut before EOS), what was captured along them, and timings.
 
-    ``new_tokens`` counts the tokens generated over all rows, each row until it finished (its
-    EOS token included), i.e. the useful decode work; ``decode_s`` excludes prefill.
+    ``logprobs[i]`` (base model) has one entry per token of ``tokens[i]``. ``policy_logprobs``,
+    ``topk_ids`` and ``topk_logprobs`` have ``len(tokens[i]) + 1`` rows when row i ended in EOS
+    (the last row is the EOS token's, ``eos_tokens[i]``), else ``len(tokens[i])``: the teacher
+    cache's layout. ``new_tokens`` counts the tokens generated over all rows, each row until it
+    finished (its EOS token included), i.e. the useful decode work; ``decode_s`` excludes prefill.
     """
 
     tokens: list[list[int]]
@@ -41,6 +58,21 @@ class GenerationOutput:
     prefill_s: float
     decode_s: float
     new_tokens: int
+    eos_tokens: list[int | None] = dataclasses.field(default_factory=list)
+    policy_logprobs: list[np.ndarray] | None = None
+    topk_ids: list[np.ndarray] | None = None
+    topk_logprobs: list[np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Capture:
+    """What a step returns per row besides the token (static: part of the compile key)."""
+
+    logprobs: bool = False           # base-model log-prob of the token
+    policy_logprobs: bool = False    # log-prob under the sampler that drew it
+    topk: int = 0                    # top-k ids / log-probs width (0: none)
+    topk_vocab: int = 0              # ... over logits[:topk_vocab] (the tokenizer's real vocab)
+    topk_temperature: float = 1.0    # ... of softmax(logits / topk_temperature)
 
 
 def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
@@ -60,61 +92,45 @@ def chat_ids(tokenizer: Any, messages: Sequence[Mapping[str, str]], *,
     return [int(i) for i in ids]
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplerKind:
-    """The static (compile-time) part of a SamplingConfig."""
-
-    greedy: bool
-    top_k: int
-    use_top_p: bool
-
-
-def sample_tokens(logits_bv: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array,
-                  kind: SamplerKind) -> tuple[jax.Array, jax.Array]:
-    """Next tokens ``[B]`` and their log-probs under the base model (``log_softmax(logits)``)."""
-    logits_bv = logits_bv.astype(jnp.float32)
-    if kind.greedy:
-        tok_b = jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
-    else:
-        scaled_bv = logits_bv / temperature
-        if kind.top_k > 0:
-            top_vals_bk, _ = jax.lax.top_k(scaled_bv, kind.top_k)
-            sorted_bk = top_vals_bk  # descending
-            scaled_bv = jnp.where(scaled_bv < top_vals_bk[:, -1:], -jnp.inf, scaled_bv)
-        elif kind.use_top_p:
-            sorted_bk = -jnp.sort(-scaled_bv, axis=-1)
-        if kind.use_top_p:
-            probs_bk = jax.nn.softmax(sorted_bk, axis=-1)
-            before_bk = jnp.cumsum(probs_bk, axis=-1) - probs_bk  # mass strictly above each token
-            keep_bk = before_bk < top_p
-            threshold_b1 = jnp.min(jnp.where(keep_bk, sorted_bk, jnp.inf), axis=-1, keepdims=True)
-            scaled_bv = jnp.where(scaled_bv < threshold_b1, -jnp.inf, scaled_bv)
-        tok_b = jax.random.categorical(key, scaled_bv, axis=-1).astype(jnp.int32)
-    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
-    logp_b = jnp.take_along_axis(logp_bv, tok_b[:, None], axis=-1)[:, 0]
-    return tok_b, logp_b
+def _sample_and_capture(logits_bv: jax.Array, keys_b: jax.Array, positions_b: jax.Array,
+                        temperature: jax.Array, top_p: jax.Array, kind: SamplerKind,
+                        capture: Capture) -> tuple[jax.Array, dict[str, jax.Array]]:
+    tok_b, policy_b = sample_tokens(logits_bv, step_keys(keys_b, positions_b), temperature, top_p, kind)
+    out: dict[str, jax.Array] = {}
+    if capture.logprobs:
+        out["logprobs"] = take_token(base_logprobs(logits_bv), tok_b)
+    if capture.policy_logprobs:
+        out["policy_logprobs"] = policy_b
+    if capture.topk:
+        out["topk_ids"], out["topk_logprobs"] = topk_logprobs(
+            logits_bv, capture.topk, capture.topk_vocab, capture.topk_temperature)
+    return tok_b, out
 
 
 def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt: jax.Array,
-               pos_bt: jax.Array, seg_bt: jax.Array, key: jax.Array, temperature: jax.Array,
-               top_p: jax.Array, kind: SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Run the (left-padded) prompts through the model, fill the cache, sample the first token."""
+               pos_bt: jax.Array, seg_bt: jax.Array, keys_b: jax.Array, temperature: jax.Array,
+               top_p: jax.Array, kind: SamplerKind, capture: Capture = Capture(),
+               ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
+    """Run right-padded prompts (``seg_bt`` 1 on real tokens) into the cache from each row's
+    ``cache.index`` on; sample each row's next token from its last real position."""
     model = nnx.merge(graphdef, params)
     h_btd, cache = model(ids_bt, pos_bt, cache=cache, segment_ids_bt=seg_bt, return_hidden=True)
-    logits_bv = model.logits_from_hidden(h_btd[:, -1:])[:, 0]
-    tok_b, logp_b = sample_tokens(logits_bv, jax.random.fold_in(key, 0), temperature, top_p, kind)
-    return tok_b, logp_b, cache
+    last_b = jnp.maximum(jnp.sum(seg_bt != 0, axis=1) - 1, 0)
+    h_b1d = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)
+    logits_bv = model.logits_from_hidden(h_b1d)[:, 0]
+    tok_b, out = _sample_and_capture(logits_bv, keys_b, cache.index, temperature, top_p, kind, capture)
+    return tok_b, out, cache
 
 
 def decode_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tok_b: jax.Array,
-              pos_b: jax.Array, step: jax.Array, key: jax.Array, temperature: jax.Array,
-              top_p: jax.Array, kind: SamplerKind) -> tuple[jax.Array, jax.Array, KVCache]:
-    """Feed one token per row (at position ``pos_b``), sample the next one."""
+              keys_b: jax.Array, temperature: jax.Array, top_p: jax.Array, kind: SamplerKind,
+              capture: Capture = Capture()) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
+    """Feed one token per row (at that row's position ``cache.index``), sample the next one."""
     model = nnx.merge(graphdef, params)
-    logits_b1v, cache = model(tok_b[:, None], pos_b[:, None], cache=cache)
-    tok_b, logp_b = sample_tokens(logits_b1v[:, 0], jax.random.fold_in(key, step), temperature,
-                                  top_p, kind)
-    return tok_b, logp_b, cache
+    logits_b1v, cache = model(tok_b[:, None], cache.index[:, None], cache=cache)
+    tok_b, out = _sample_and_capture(logits_b1v[:, 0], keys_b, cache.index, temperature, top_p, kind,
+                                     capture)
+    return tok_b, out, cache
 
 
 class TextDeltas:
@@ -150,14 +166,28 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class Generator:
-    """Batched, streaming text generation with a KV cache for a ``Decoder``."""
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
-    def __init__(self, model: Decoder, tokenizer: Any, *, max_seq_len: int = 2048, prompt_bucket: int = 64):
-        if prompt_bucket <= 0 or max_seq_len <= 0:
-            raise ValueError(f"prompt_bucket ({prompt_bucket}) and max_seq_len ({max_seq_len}) must be > 0")
+
+class Generator:
+    """Batched, streaming text generation with a KV cache for a ``Decoder``.
+
+    ``max_seq_len`` bounds prompt + new tokens per row; ``window_bucket`` is the cache growth
+    step (attention cost vs. number of compiled shapes); ``compact`` gathers the running rows
+    into a smaller batch once at most half are left. When every prompt of a batch starts with the
+    same ``min_shared_prefix`` or more tokens (a system prompt, or one prompt sampled K times),
+    that prefix is prefilled once and copied to every row (0: never).
+    """
+
+    def __init__(self, model: Decoder, tokenizer: Any, *, max_seq_len: int = 2048, prompt_bucket: int = 64,
+                 window_bucket: int = WINDOW_BUCKET, compact: bool = True, min_shared_prefix: int = 32):
+        if prompt_bucket <= 0 or max_seq_len <= 0 or window_bucket <= 0:
+            raise ValueError(f"prompt_bucket ({prompt_bucket}), max_seq_len ({max_seq_len}) and "
+                             f"window_bucket ({window_bucket}) must be > 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_seq_len, self.prompt_bucket = max_seq_len, prompt_bucket
+        self.window_bucket, self.compact, self.min_shared_prefix = window_bucket, compact, min_shared_prefix
         self.graphdef, _ = nnx.split(model)
         eos = set(int(e) for e in model.cfg.eos_token_ids)
         if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -166,112 +196,215 @@ class Generator:
         self.eos_ids = frozenset(eos)
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
-        self._prefill = jax.jit(prefill_fn, static_argnames=("graphdef", "kind"), donate_argnames=("cache",))
-        self._decode = jax.jit(decode_fn, static_argnames=("graphdef", "kind"), donate_argnames=("cache",))
+        try:
+            self.vocab = min(len(tokenizer), model.cfg.vocab_size)  # rows past it are never produced
+        except TypeError:
+            self.vocab = model.cfg.vocab_size
+        # Per-step dispatch must be cheap (on 2 cores the Python thread competes with XLA's): the
+        # graphdef is bound here instead of being hashed as a static argument on every call, and
+        # parameters travel as a flat list of arrays (nnx.State flattens in Python, ~300 leaves).
+        self._treedef = jax.tree.structure(nnx.state(model))
+        graphdef, treedef = self.graphdef, self._treedef
+
+        def prefill(leaves, cache, *args, kind, capture):
+            return prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
+                              capture=capture)
+
+        def decode(leaves, cache, *args, kind, capture):
+            return decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
+                             capture=capture)
+
+        statics = ("kind", "capture")
+        self._prefill = jax.jit(prefill, static_argnames=statics, donate_argnames=("cache",))
+        self._decode = jax.jit(decode, static_argnames=statics, donate_argnames=("cache",))
+        self._take = jax.jit(take_rows)
+        self._resize = jax.jit(resize_cache, static_argnames=("new_len",))
 
     # -- core loop -----------------------------------------------------------------------------
 
-    def _layout(self, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[np.ndarray, ...]:
+    def _window(self, slots: int) -> int:
+        """Cache length for ``slots`` filled slots: a multiple of window_bucket, capped near max_seq_len."""
+        return max(slots, min(_round_up(slots, self.window_bucket), _round_up(self.max_seq_len, 8)))
+
+    def _param_leaves(self) -> list[jax.Array]:
+        """The model's current state as the flat list the jitted steps take (read per call, so
+        weights updated in place since construction are used)."""
+        leaves, treedef = jax.tree.flatten(nnx.state(self.model))
+        if treedef != self._treedef:
+            raise ValueError("the model's state changed structure since this Generator was built; "
+                             "build a new Generator")
+        return leaves
+
+    def _check(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         if not prompts:
             raise ValueError("generate() needs at least one prompt")
         lengths = [len(p) for p in prompts]
         if min(lengths) == 0:
             raise ValueError(f"prompt {lengths.index(0)} is empty; every prompt needs at least one token")
-        t = _round_up(max(lengths), self.prompt_bucket)
         if max(lengths) >= self.max_seq_len:
             raise ValueError(f"a prompt has {max(lengths)} tokens but max_seq_len is {self.max_seq_len}; "
                              f"shorten it or build the Generator with a larger max_seq_len")
+        return np.asarray(lengths, np.int32)
+
+    def _layout(self, prompts: Sequence[Sequence[int]], offset: int = 0) -> tuple[jax.Array, ...]:
+        """Right-padded ids, positions (``offset`` + slot) and segment ids of a prompt block: the
+        order ``prefill_fn`` takes them in."""
+        t = _round_up(max(len(p) for p in prompts), self.prompt_bucket)
         ids = np.full((len(prompts), t), self.pad_id, np.int32)
         seg = np.zeros((len(prompts), t), np.int32)
-        pos = np.zeros((len(prompts), t), np.int32)
         for i, p in enumerate(prompts):
-            ids[i, t - len(p):] = np.asarray(p, np.int32)
-            seg[i, t - len(p):] = 1
-            pos[i, t - len(p):] = np.arange(len(p))
-        return ids, seg, pos, np.asarray(lengths, np.int32)
+            ids[i, :len(p)] = np.asarray(p, np.int32)
+            seg[i, :len(p)] = 1
+        pos = np.broadcast_to(offset + np.arange(t, dtype=np.int32), (len(prompts), t))
+        return jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg)
 
-    def _steps(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
-               timings: dict[str, float]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Yield (tokens ``[B]``, logprobs ``[B]``) per generated position until every row is done
-        (EOS or ``max_new_tokens``); rows keep running after EOS, the caller cuts them."""
-        ids, seg, pos, lengths = self._layout(prompts, sampling.max_new_tokens)
-        b, t = ids.shape
-        cache_len = min(_round_up(t + sampling.max_new_tokens, CACHE_BUCKET), _round_up(self.max_seq_len, 8))
-        max_new = min(sampling.max_new_tokens, cache_len - t)
-        if max_new <= 0:
-            raise ValueError(f"no room to generate: padded prompt length {t} fills max_seq_len "
-                             f"{self.max_seq_len}")
-        kind = SamplerKind(greedy=sampling.temperature == 0.0,
-                            top_k=min(sampling.top_k, self.model.cfg.vocab_size),
-                            use_top_p=sampling.top_p < 1.0)
-        temperature = jnp.float32(max(sampling.temperature, 1e-6))
-        top_p = jnp.float32(sampling.top_p)
-        key = jax.random.key(sampling.seed)
-        params = nnx.state(self.model)
-        cache = init_cache(self.model.cfg, b, cache_len, self.model.compute_dtype)
+    def _shared_prefix(self, prompts: Sequence[Sequence[int]]) -> int:
+        """Length of the prefix every prompt shares (leaving each at least one token), or 0."""
+        if len(prompts) < 2 or self.min_shared_prefix <= 0:
+            return 0
+        first, n = prompts[0], min(len(p) for p in prompts) - 1
+        for p in prompts[1:]:
+            n = next((i for i in range(n) if p[i] != first[i]), n)
+        return n if n >= self.min_shared_prefix else 0
+
+    def _events(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, capture: Capture,
+                timings: dict[str, float], row_ids: Sequence[int] | None = None,
+                ) -> Iterator[list[tuple[int, int, dict[str, np.ndarray]]]]:
+        """Yield, per decode step, ``(row, token, captured values)`` for every row still running;
+        a row's last event is its EOS token or the token that used up its budget."""
+        lengths = self._check(prompts)
+        n = len(prompts)
+        budget = np.minimum(sampling.max_new_tokens, self.max_seq_len - lengths)
+        kind = SamplerKind.of(sampling, self.vocab)
+        statics = dict(kind=kind, capture=capture)
+        temperature, top_p = sampler_scalars(sampling)
+        if row_ids is not None and len(row_ids) != n:
+            raise ValueError(f"{len(row_ids)} row_ids for {n} prompts")
+        keys = row_keys(sampling.seed, np.arange(n) if row_ids is None else np.asarray(row_ids))
+        params = self._param_leaves()
+        shared = self._shared_prefix(prompts)
+        ids, pos, seg = self._layout([p[shared:] for p in prompts], offset=shared)
+        size = max(shared + ids.shape[1], self._window(int(lengths.max()) + 1))
 
         t0 = time.perf_counter()
-        tok, logp, cache = self._prefill(self.graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos),
-                                         jnp.asarray(seg), key, temperature, top_p, kind)
-        pending = (tok, logp)
-        jax.block_until_ready(tok)
-        timings["prefill_s"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        pos_b = jnp.asarray(lengths)
-        done = np.zeros(b, bool)
-        for step in range(1, max_new + 1):
-            if step < max_new:  # dispatch the next step before reading this one
-                nxt = self._decode(self.graphdef, params, cache, tok, pos_b, jnp.int32(step), key,
-                                   temperature, top_p, kind)
-                tok, logp_next, cache = nxt
-                pos_b = pos_b + 1
-            tok_host, logp_host = np.asarray(pending[0]), np.asarray(pending[1])
+        if shared:  # prefill the common prefix once, copy it to every row, then the rest per row
+            one = init_cache(self.model.cfg, 1, size, self.model.compute_dtype)
+            _, _, one = self._prefill(params, one, *self._layout([prompts[0][:shared]]),
+                                      keys[:1], temperature, top_p, kind=kind, capture=Capture())
+            cache = self._take(one, np.zeros(n, np.int32))
+        else:
+            cache = init_cache(self.model.cfg, n, size, self.model.compute_dtype)
+        tok, out, cache = self._prefill(params, cache, ids, pos, seg, keys, temperature, top_p, **statics)
+        slot_rows = np.arange(n)          # the prompt row each batch slot holds (-1: filler)
+        index = lengths.astype(np.int64)  # per slot: the position (= cache slot) fed next
+        produced, done = np.zeros(n, np.int64), np.zeros(n, bool)
+        pending = (tok, out, slot_rows)
+        t1 = None
+        while True:
+            nxt = None
+            live = [s for s, r in enumerate(slot_rows) if r >= 0 and not done[r]]
+            if any(produced[slot_rows[s]] + 1 < budget[slot_rows[s]] for s in live):
+                if self.compact and len(live) <= len(slot_rows) // 2:
+                    size = _next_pow2(len(live))
+                    gather = np.asarray(live + [live[0]] * (size - len(live)), np.int32)
+                    cache, tok, keys = self._take(cache, gather), tok[gather], keys[gather]
+                    slot_rows = np.concatenate([slot_rows[live], np.full(size - len(live), -1)])
+                    index = index[gather]
+                    live = list(range(len(live)))
+                    if self._window(int(index[live].max()) + 1) < cache.max_len:
+                        cache = self._resize(cache, new_len=self._window(int(index[live].max()) + 1))
+                need = int(index[live].max()) + 1
+                if need > cache.max_len:
+                    cache = self._resize(cache, new_len=self._window(need))
+                tok, out, cache = self._decode(params, cache, tok, keys, temperature, top_p, **statics)
+                index = index + 1
+                nxt = (tok, out, slot_rows)
+            p_tok, p_out, p_rows = pending
+            tok_h = np.asarray(p_tok)
+            out_h = {k: np.asarray(v) for k, v in p_out.items()}
+            if t1 is None:
+                timings["prefill_s"] = time.perf_counter() - t0
+                t1 = time.perf_counter()
+            events = []
+            for s, r in enumerate(p_rows):
+                if r < 0 or done[r]:
+                    continue
+                token = int(tok_h[s])
+                produced[r] += 1
+                events.append((int(r), token, {k: v[s] for k, v in out_h.items()}))
+                done[r] = token in self.eos_ids or produced[r] >= budget[r]
             timings["decode_s"] = time.perf_counter() - t1
-            yield tok_host, logp_host
-            done |= np.isin(tok_host, list(self.eos_ids)) if self.eos_ids else False
-            if done.all() or step == max_new:
+            yield events
+            if done.all():
                 break
-            pending = (tok, logp_next)
+            if nxt is None:
+                raise RuntimeError("generation loop: rows are still running but no step was dispatched")
+            pending = nxt
         timings["decode_s"] = time.perf_counter() - t1
 
     # -- public API ----------------------------------------------------------------------------
 
     def generate(self, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig, *,
-                 return_logprobs: bool = False) -> GenerationOutput:
-        """Generate for a batch of token-id prompts of any lengths."""
+                 return_logprobs: bool = False, return_policy_logprobs: bool = False, topk: int = 0,
+                 topk_temperature: float = 1.0, topk_vocab: int | None = None,
+                 row_ids: Sequence[int] | None = None) -> GenerationOutput:
+        """Generate for a batch of token-id prompts of any lengths.
+
+        ``return_logprobs``: base-model log-prob per token; ``return_policy_logprobs``: log-prob
+        under the sampler that drew it; ``topk`` > 0: top-k ids and log-probs of
+        ``softmax(logits[:topk_vocab] / topk_temperature)`` per token (``topk_vocab`` defaults to
+        the tokenizer's real vocabulary). ``row_ids`` name each row's random stream (default its
+        index): a row gets the same samples in any batch that gives it the same id.
+        """
+        if topk < 0 or topk_temperature <= 0:
+            raise ValueError(f"topk must be >= 0 and topk_temperature > 0, got {topk}, {topk_temperature}")
+        vocab = self.vocab if topk_vocab is None else min(int(topk_vocab), self.model.cfg.vocab_size)
+        if topk > vocab:
+            raise ValueError(f"topk={topk} exceeds the vocabulary ({vocab})")
+        capture = Capture(logprobs=return_logprobs, policy_logprobs=return_policy_logprobs, topk=topk,
+                          topk_vocab=vocab if topk else 0,
+                          topk_temperature=float(topk_temperature) if topk else 1.0)
         b = len(prompt_ids)
         tokens: list[list[int]] = [[] for _ in range(b)]
-        logps: list[list[float]] = [[] for _ in range(b)]
-        reasons = ["length"] * b
-        finished = [False] * b
+        rows: dict[str, list[list[np.ndarray]]] = {k: [[] for _ in range(b)] for k in
+                                                  ("logprobs", "policy_logprobs", "topk_ids", "topk_logprobs")}
+        eos_tokens: list[int | None] = [None] * b
         produced = 0
         timings: dict[str, float] = {}
-        for tok_b, logp_b in self._steps(prompt_ids, sampling, timings):
-            for i in range(b):
-                if finished[i]:
-                    continue
+        for events in self._events(prompt_ids, sampling, capture, timings, row_ids):
+            for r, token, got in events:
                 produced += 1
-                if int(tok_b[i]) in self.eos_ids:
-                    finished[i], reasons[i] = True, "eos"
-                    continue
-                tokens[i].append(int(tok_b[i]))
-                logps[i].append(float(logp_b[i]))
+                is_eos = token in self.eos_ids
+                if is_eos:
+                    eos_tokens[r] = token
+                else:
+                    tokens[r].append(token)
+                for name, value in got.items():
+                    if not (is_eos and name == "logprobs"):
+                        rows[name][r].append(value)
+
+        def stack(name: str, dtype: Any, width: tuple[int, ...] = ()) -> list[np.ndarray]:
+            return [np.asarray(v, dtype) if v else np.zeros((0, *width), dtype) for v in rows[name]]
+
         return GenerationOutput(
-            tokens=tokens,
-            logprobs=[np.asarray(lp, np.float32) for lp in logps] if return_logprobs else None,
-            finish_reasons=reasons, prefill_s=timings.get("prefill_s", 0.0),
-            decode_s=timings.get("decode_s", 0.0), new_tokens=produced)
+            tokens=tokens, logprobs=stack("logprobs", np.float32) if return_logprobs else None,
+            finish_reasons=["eos" if e is not None else "length" for e in eos_tokens],
+            prefill_s=timings.get("prefill_s", 0.0), decode_s=timings.get("decode_s", 0.0),
+            new_tokens=produced, eos_tokens=eos_tokens,
+            policy_logprobs=stack("policy_logprobs", np.float32) if return_policy_logprobs else None,
+            topk_ids=stack("topk_ids", np.int32, (topk,)) if topk else None,
+            topk_logprobs=stack("topk_logprobs", np.float32, (topk,)) if topk else None)
 
     def stream(self, prompt_ids: Sequence[int], sampling: SamplingConfig) -> Iterator[str]:
         """Yield text deltas for one prompt; a character split over tokens is held back until whole."""
         deltas = TextDeltas(self.tokenizer)
-        for tok_b, _ in self._steps([list(prompt_ids)], sampling, {}):
-            tok = int(tok_b[0])
-            if tok in self.eos_ids:
-                break
-            delta = deltas.push(tok)
-            if delta:
-                yield delta
+        for events in self._events([list(prompt_ids)], sampling, Capture(), {}):
+            for _, token, _ in events:
+                if token in self.eos_ids:
+                    break
+                delta = deltas.push(token)
+                if delta:
+                    yield delta
         tail = deltas.flush()
         if tail:
             yield tail
@@ -288,12 +421,23 @@ class Generator:
         return self.stream(self._chat_ids(messages), sampling)
 
     def warmup(self, sampling: SamplingConfig | None = None, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Compile prefill + decode for the default prompt bucket / cache length (and batch sizes)."""
+        """Compile prefill (first prompt bucket) and decode at every cache window a prompt of that
+        bucket can reach with ``sampling.max_new_tokens``, for each batch size."""
         sampling = sampling or SamplingConfig()
+        kind = SamplerKind.of(sampling, self.vocab)
+        temperature, top_p = sampler_scalars(sampling)
+        params = self._param_leaves()
         for b in batch_sizes:
-            # the cache length follows sampling.max_new_tokens, so later calls reuse these compiles
-            steps = self._steps([[self.pad_id]] * b, sampling, {})
-            for i, _ in enumerate(steps):
+            events = self._events([[self.pad_id]] * b, sampling, Capture(), {})
+            for i, _ in enumerate(events):
                 if i >= 1:
                     break
-            steps.close()
+            events.close()
+            reach = min(self.prompt_bucket + sampling.max_new_tokens, self.max_seq_len)
+            sizes = {self._window(s) for s in [*range(1, reach + 1, self.window_bucket), reach]}
+            keys = row_keys(sampling.seed, np.arange(b))
+            for size in sorted(sizes - {self._window(2)}):  # the loop above compiled the first
+                cache = init_cache(self.model.cfg, b, size, self.model.compute_dtype)
+                tok = jnp.full((b,), self.pad_id, jnp.int32)
+                jax.block_until_ready(self._decode(params, cache, tok, keys, temperature, top_p, kind=kind,
+                                                   capture=Capture())[0])

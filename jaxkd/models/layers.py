@@ -7,8 +7,15 @@ Einsum / shape-suffix legend (names like ``x_btd`` say the axes of the array):
     G query heads per kv head (N = K * G)          H head dim
     F MLP width        V vocabulary
 
-Weights are stored input-axis first (``q_proj.weight`` is ``dnh``, ``o_proj.weight`` is ``nhd``,
-``gate_proj.weight`` is ``df``), except the embedding and ``lm_head``, which keep HF's ``vd``.
+Weights are stored output-axis first, HF's ``[out, in]`` with the head axes split out
+(``q_proj.weight`` is ``nhd``, ``o_proj.weight`` is ``dnh``, ``gate_proj.weight`` is ``fd``,
+``down_proj.weight`` is ``df``; the embedding and ``lm_head`` are ``vd``). XLA's CPU matmul runs a
+``[rows, in] x [out, in]`` contraction up to ~2x faster than ``[in, out]`` once there is more
+than one row (``evals/results/bench_generate.md``, layout table), and loading / exporting HF
+tensors is a reshape, never a transpose.
+
+KV cache arrays are ``[B, K, S, H]`` (kv heads before slots): both attention contractions then
+take the cache as stored, with (B, K) as batch dimensions, so a decode step never transposes it.
 Every ``nnx.Param`` carries logical axis names (``out_sharding``) that
 ``jaxkd.sharding.LOGICAL_RULES`` maps to mesh axes. Parameters are held in ``param_dtype`` and
 cast to ``compute_dtype`` for the matmuls; norms, softmax and logits are float32.
@@ -148,31 +155,32 @@ def apply_rope(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax
 
 
 class Projection(nnx.Module):
-    """A dense projection with an arbitrary-rank weight, applied by one einsum.
+    """A dense projection with an arbitrary-rank weight, applied as one 2-D matmul.
 
-    ``weight`` has shape ``in_shape + out_shape``; the HF checkpoint holds it as a 2-D
-    ``[prod(out_shape), prod(in_shape)]`` matrix (see ``to_hf`` / ``from_hf``).
+    ``weight`` has shape ``out_shape + in_shape``: HF's ``[prod(out_shape), prod(in_shape)]``
+    matrix with its axes split (``to_hf`` / ``from_hf`` are reshapes).
     """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], names: tuple[str, ...],
                  *, use_bias: bool, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
+        """``names`` are the logical axis names of ``out_shape + in_shape``, in that order."""
         self.in_shape, self.out_shape = in_shape, out_shape
         self.compute_dtype = compute_dtype
-        self.weight = make_param(rngs, normal_init, in_shape + out_shape, names, param_dtype)
-        self.bias = (make_param(rngs, zeros_init, out_shape, names[len(in_shape):], param_dtype)
+        self.weight = make_param(rngs, normal_init, out_shape + in_shape, names, param_dtype)
+        self.bias = (make_param(rngs, zeros_init, out_shape, names[:len(out_shape)], param_dtype)
                      if use_bias else None)
 
     def __call__(self, x: jax.Array, spec: str) -> jax.Array:
-        """``spec`` documents the contraction (e.g. ``"btnh,nhd->btd"``); it is computed as one
-        2-D matmul ``[..., in] @ [in, out]`` so XLA never relayouts (copies) the weight to match
-        an activation's physical layout: reshaping the small activation is what gets copied."""
+        """``spec`` documents the contraction (e.g. ``"btnh,dnh->btd"``); it is computed as one
+        2-D matmul ``[..., in] x [out, in]``: the weight reshape is free (row-major), and only the
+        small activation is ever relaid out, never the weight."""
         n_in = len(self.in_shape)
         lead = x.shape[: x.ndim - n_in]
         if tuple(x.shape[x.ndim - n_in:]) != self.in_shape or spec.count(",") != 1:
             raise ValueError(f"Projection {spec}: input {x.shape} does not end in {self.in_shape}")
-        w_io = self.weight[...].astype(self.compute_dtype).reshape(math.prod(self.in_shape), -1)
+        w_oi = self.weight[...].astype(self.compute_dtype).reshape(-1, math.prod(self.in_shape))
         x_mi = x.astype(self.compute_dtype).reshape(*lead, math.prod(self.in_shape))
-        y = jnp.einsum("...i,io->...o", x_mi, w_io).reshape(*lead, *self.out_shape)
+        y = jnp.einsum("...i,oi->...o", x_mi, w_oi).reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y
@@ -181,12 +189,39 @@ class Projection(nnx.Module):
         return (math.prod(self.out_shape), math.prod(self.in_shape))
 
     def from_hf(self, w_oi: np.ndarray) -> np.ndarray:
-        """HF ``[out, in]`` matrix -> this layer's ``in_shape + out_shape`` layout."""
-        return np.ascontiguousarray(w_oi.T).reshape(self.in_shape + self.out_shape)
+        """HF ``[out, in]`` matrix -> this layer's ``out_shape + in_shape`` layout (a reshape)."""
+        return np.asarray(w_oi).reshape(self.out_shape + self.in_shape)
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(
-            w.reshape(math.prod(self.in_shape), math.prod(self.out_shape)).T)
+        return np.asarray(w).reshape(self.hf_weight_shape())
+
+
+def write_cache(cache_bksh: jax.Array, new_btkh: jax.Array, index_b: jax.Array) -> jax.Array:
+    """Write T new keys (or values) per row at that row's own slot ``index_b[b]`` (a scatter the
+    compiled step does in place on the donated cache)."""
+    new_bkth = jnp.swapaxes(new_btkh, 1, 2).astype(cache_bksh.dtype)
+    return jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (0, i, 0)))(
+        cache_bksh, new_bkth, index_b)
+
+
+def gqa_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array,
+                  compute_dtype: Any) -> jax.Array:
+    """Grouped-query attention over keys/values laid out ``[B, K, S, H]``; float32 softmax.
+
+    The G = N / K query heads of a kv head and the T queries are merged into one axis, so both
+    contractions are plain batched matmuls over (B, K) with the cache operand as stored."""
+    b, t, n, h = q_btnh.shape
+    k = k_bksh.shape[1]
+    g = n // k
+    q_bkqh = jnp.transpose(q_btnh.reshape(b, t, k, g, h), (0, 2, 3, 1, 4)).reshape(b, k, g * t, h)
+    scores_bkqs = jnp.einsum("bkqh,bksh->bkqs", q_bkqh, k_bksh.astype(compute_dtype),
+                             preferred_element_type=jnp.float32) * (h ** -0.5)
+    mask_b1qs = jnp.broadcast_to(mask_bts[:, None, None], (b, 1, g, t, mask_bts.shape[-1])
+                                 ).reshape(b, 1, g * t, -1)
+    scores_bkqs = jnp.where(mask_b1qs, scores_bkqs, MASK_VALUE)
+    probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(compute_dtype)
+    out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, v_bksh.astype(compute_dtype))
+    return jnp.transpose(out_bkqh.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -197,45 +232,35 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.compute_dtype = compute_dtype
         kw = dict(rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.q_proj = Projection((d,), (n, h), ("embed", "q_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = Projection((d,), (k, h), ("embed", "kv_heads", "head_dim"), use_bias=cfg.qkv_bias, **kw)
-        self.o_proj = Projection((n, h), (d,), ("q_heads", "head_dim", "embed"), use_bias=False, **kw)
+        self.q_proj = Projection((d,), (n, h), ("q_heads", "head_dim", "embed"), use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = Projection((d,), (k, h), ("kv_heads", "head_dim", "embed"), use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = Projection((d,), (k, h), ("kv_heads", "head_dim", "embed"), use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = Projection((n, h), (d,), ("embed", "q_heads", "head_dim"), use_bias=False, **kw)
 
     def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, mask_bts: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | None = None,
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
         """``mask_bts`` is True where query t may attend key s. With ``kv`` (cache arrays
-        ``[B, S, K, H]``) the new keys/values are written at slot ``write_index`` and attention
-        runs over the whole cache; the updated arrays are returned."""
-        q_btnh = self.q_proj(x_btd, "btd,dnh->btnh")
-        k_btkh = self.k_proj(x_btd, "btd,dkh->btkh")
-        v_btkh = self.v_proj(x_btd, "btd,dkh->btkh")
+        ``[B, K, S, H]``) row b's new keys/values are written from slot ``write_index[b]`` on and
+        attention runs over the cache's S slots; the updated arrays are returned."""
+        q_btnh = self.q_proj(x_btd, "btd,nhd->btnh")
+        k_btkh = self.k_proj(x_btd, "btd,khd->btkh")
+        v_btkh = self.v_proj(x_btd, "btd,khd->btkh")
         q_btnh = constrain(apply_rope(q_btnh, cos_bth, sin_bth), ("batch", "length", "act_heads", None))
         k_btkh = constrain(apply_rope(k_btkh, cos_bth, sin_bth), ("batch", "length", "act_kv_heads", None))
         v_btkh = constrain(v_btkh, ("batch", "length", "act_kv_heads", None))
 
         new_kv = None
         if kv is not None:
-            k_cache, v_cache = kv
-            start = (0, write_index, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k_btkh.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v_btkh.astype(v_cache.dtype), start)
+            k_cache = write_cache(kv[0], k_btkh, write_index)
+            v_cache = write_cache(kv[1], v_btkh, write_index)
             new_kv = (k_cache, v_cache)
-            k_bskh, v_bskh = k_cache.astype(self.compute_dtype), v_cache.astype(self.compute_dtype)
+            k_bksh, v_bksh = k_cache, v_cache
         else:
-            k_bskh, v_bskh = k_btkh, v_btkh
+            k_bksh, v_bksh = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
 
-        b, t = q_btnh.shape[:2]
-        g = self.num_heads // self.num_kv_heads
-        q_btkgh = q_btnh.reshape(b, t, self.num_kv_heads, g, self.head_dim)
-        scores_bkgts = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
-                                  preferred_element_type=jnp.float32) * (self.head_dim ** -0.5)
-        scores_bkgts = jnp.where(mask_bts[:, None, None, :, :], scores_bkgts, MASK_VALUE)
-        probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(self.compute_dtype)
-        out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_bskh)
-        out_btnh = out_btkgh.reshape(b, t, self.num_heads, self.head_dim)
-        out_btd = self.o_proj(out_btnh, "btnh,nhd->btd")
+        out_btnh = gqa_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype)
+        out_btd = self.o_proj(out_btnh, "btnh,dnh->btd")
         return constrain(out_btd, ("batch", "length", "act_embed")), new_kv
 
 
@@ -245,15 +270,15 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(use_bias=False, rngs=rngs, param_dtype=param_dtype, compute_dtype=compute_dtype)
-        self.gate_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
-        self.up_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
-        self.down_proj = Projection((f,), (d,), ("mlp", "embed"), **kw)
+        self.gate_proj = Projection((d,), (f,), ("mlp", "embed"), **kw)
+        self.up_proj = Projection((d,), (f,), ("mlp", "embed"), **kw)
+        self.down_proj = Projection((f,), (d,), ("embed", "mlp"), **kw)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate_btf = self.gate_proj(x_btd, "btd,df->btf")
-        up_btf = self.up_proj(x_btd, "btd,df->btf")
+        gate_btf = self.gate_proj(x_btd, "btd,fd->btf")
+        up_btf = self.up_proj(x_btd, "btd,fd->btf")
         h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "act_mlp"))
-        return constrain(self.down_proj(h_btf, "btf,fd->btd"), ("batch", "length", "act_embed"))
+        return constrain(self.down_proj(h_btf, "btf,df->btd"), ("batch", "length", "act_embed"))
 
 
 class DecoderLayer(nnx.Module):
