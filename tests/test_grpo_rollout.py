@@ -95,20 +95,22 @@ def test_sampler_logprobs_match_the_teacher_forced_recomputation(gen, tok, model
     roll = ro.generate_rollouts(gen, _prompts(tok), cfg, seed=1)
     batch = ro.pack_batch(roll, pad_id=gen.pad_id)
     graphdef, params, frozen = st.split_model(model, "all")
-    pol, base = ro.recompute_logprobs(ro.make_logprob_fn(graphdef, temperature), params, frozen, batch, 4)
+    assert gen.vocab == 259 < model.cfg.vocab_size  # the sampler never draws the padded rows
+    pol, base = ro.recompute_logprobs(ro.make_logprob_fn(graphdef, temperature, vocab=gen.vocab), params,
+                                      frozen, batch, 4)
     m = batch["completion_mask"]
-    if temperature == 1.0:
-        assert roll.sampler_logprob_kind == "policy" and not ro.needs_recompute(cfg, "policy")
-        assert ro.needs_recompute(GRPOConfig(mu=2), "policy") and ro.needs_recompute(GRPOConfig(top_k=20), "policy")
-    else:
-        # the current sampler reports untempered log-probs: the policy's must be recomputed
-        assert roll.sampler_logprob_kind == "base" and ro.needs_recompute(cfg, "base")
-        assert np.abs(pol - base)[m > 0].mean() > 0.01  # near-uniform random model
-    gap = ro.logprob_gap(batch["sampler_logp"], pol if temperature == 1.0 else base, m)
+    # the sampler reports the log-prob under the policy it drew from (tempered, real vocabulary)
+    assert roll.sampler_logprob_kind == "policy" and not ro.needs_recompute(cfg, "policy")
+    assert ro.needs_recompute(GRPOConfig(mu=2), "policy") and ro.needs_recompute(GRPOConfig(top_k=20), "policy")
+    gap = ro.logprob_gap(batch["sampler_logp"], pol, m)
     assert gap["logprob_gap_max"] < 1e-4, gap  # KV-cache sampler == full forward, token for token
+    # ... and not the untempered full-vocabulary log-prob, which is measurably different
+    assert ro.logprob_gap(batch["sampler_logp"], base, m)["logprob_gap_mean"] > 1e-3
+    if temperature != 1.0:
+        assert np.abs(pol - base)[m > 0].mean() > 0.01  # near-uniform random model
     # the check can fail: the same numbers one position off (interior tokens only) are far apart
     inner = m * np.roll(m, 1, axis=1)
-    shifted = ro.logprob_gap(np.roll(batch["sampler_logp"], 1, axis=1), base, inner)
+    shifted = ro.logprob_gap(np.roll(batch["sampler_logp"], 1, axis=1), pol, inner)
     assert shifted["logprob_gap_mean"] > 100 * gap["logprob_gap_max"] and shifted["logprob_gap_mean"] > 1e-2
 
 

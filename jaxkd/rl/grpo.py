@@ -22,8 +22,9 @@ with G' the number of completions that are in the loss (masked-out ones, e.g. tr
 ``sum w_it l_it`` over its own rows adds up over micro-batches to the full-batch loss exactly;
 that is what makes gradient accumulation exact.
 
-Log-probs are those of the tempered distribution ``log_softmax(logits / temperature)``, which is
-what the sampler draws from when top-k and top-p are off.
+Log-probs are those of the distribution the sampler draws from (``jaxkd.models.sampling``:
+temperature, then top-k / top-p, over the tokenizer's real vocabulary), so the importance ratio
+compares the trainer's policy with exactly the policy that sampled.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import optax
 from flax import nnx
 
 from jaxkd.config import GRPOConfig
+from jaxkd.models.sampling import SamplerKind
+from jaxkd.models.sampling import policy_logprobs as sampler_policy_logprobs
 
 Array = jax.Array
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
@@ -48,27 +51,35 @@ Aggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
 
 
 def token_logprobs(logits_btv: Array, targets_bt: Array, temperature: float,
-                   with_entropy: bool = False) -> tuple[Array, Array | None]:
-    """log pi(target) under ``log_softmax(logits / temperature)`` ``[B, T]`` (float32), and the
-    policy's entropy per position (no gradient) when asked."""
-    logp_btv = jax.nn.log_softmax(logits_btv.astype(jnp.float32) / temperature, axis=-1)
+                   with_entropy: bool = False, *, vocab: int = 0, top_k: int = 0,
+                   top_p: float = 1.0) -> tuple[Array, Array | None]:
+    """log pi(target) ``[B, T]`` (float32) under the sampling policy: ``softmax(logits /
+    temperature)`` restricted to the first ``vocab`` logits (0: all) and to the top-k / top-p set
+    (``jaxkd.models.sampling.process_logits``, the sampler's own function), and that policy's
+    entropy per position (no gradient) when asked."""
+    kind = SamplerKind(greedy=False, top_k=top_k, use_top_p=top_p < 1.0, vocab=vocab)
+    logp_btv = sampler_policy_logprobs(logits_btv, jnp.float32(temperature), jnp.float32(top_p), kind)
     logp_bt = jnp.take_along_axis(logp_btv, targets_bt[..., None].astype(jnp.int32), axis=-1)[..., 0]
     entropy_bt = None
     if with_entropy:
         # Reuses the log-softmax above: one extra elementwise pass over [B, T, V], no new matmul.
+        # Tokens outside the policy's support are -inf: they add 0 (not 0 * -inf = NaN).
         lp = jax.lax.stop_gradient(logp_btv)
-        entropy_bt = -jnp.sum(jnp.exp(lp) * lp, axis=-1)
+        entropy_bt = -jnp.sum(jnp.where(jnp.isfinite(lp), jnp.exp(lp) * lp, 0.0), axis=-1)
     return logp_bt, entropy_bt
 
 
 def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
                     batch: Mapping[str, Array], temperature: float,
-                    with_entropy: bool = False) -> tuple[Array, Array | None]:
+                    with_entropy: bool = False, *, vocab: int = 0, top_k: int = 0,
+                    top_p: float = 1.0) -> tuple[Array, Array | None]:
     """Teacher-forced per-token log-probs of ``batch["targets"]`` (position t predicts token t+1)
-    under the model ``merge(graphdef, params, frozen)`` at ``temperature``."""
+    under the model ``merge(graphdef, params, frozen)`` and the sampling policy of
+    ``token_logprobs``."""
     model = nnx.merge(graphdef, params, frozen)
     logits_btv, _ = model(batch["input_ids"], batch["positions"], segment_ids_bt=batch["segment_ids"])
-    return token_logprobs(logits_btv, batch["targets"], temperature, with_entropy)
+    return token_logprobs(logits_btv, batch["targets"], temperature, with_entropy, vocab=vocab, top_k=top_k,
+                          top_p=top_p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,12 +253,33 @@ def grpo_loss(logp_bt: Array, old_logp_bt: Array, advantages_b: Array, mask_bt: 
 # The update step
 # --------------------------------------------------------------------------------------------
 
+def grpo_objective(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ref_params: nnx.State | None,
+                   batch: Mapping[str, Array], cfg: GRPOConfig, *, vocab: int = 0) -> tuple[Array, dict]:
+    """``(loss, metrics)`` of one (micro-)batch: the policy forward (+ the reference forward only
+    when ``cfg.beta`` > 0), ``grpo_loss`` and the policy entropy on completion tokens."""
+    sampler = dict(vocab=vocab, top_k=cfg.top_k, top_p=cfg.top_p)
+    logp_bt, entropy_bt = policy_logprobs(graphdef, params, frozen, batch, cfg.temperature,
+                                          with_entropy=True, **sampler)
+    ref_logp_bt = None
+    if cfg.beta > 0.0:
+        if ref_params is None:
+            raise ValueError("grpo.beta > 0 needs the reference params (extra['ref_params'])")
+        ref_logp_bt, _ = policy_logprobs(graphdef, ref_params, frozen, batch, cfg.temperature, **sampler)
+        ref_logp_bt = jax.lax.stop_gradient(ref_logp_bt)
+    mask = batch["completion_mask"] > 0
+    loss, metrics = grpo_loss(logp_bt, batch["old_logp"], batch["advantages"], mask,
+                              batch["loss_weights"], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                              ratio_level=cfg.ratio_level, beta=cfg.beta, ref_logp_bt=ref_logp_bt)
+    metrics["entropy"] = _masked_mean(entropy_bt, mask)
+    return loss, metrics
+
+
 STEP_BATCH_KEYS = ("input_ids", "positions", "segment_ids", "targets", "completion_mask",
                    "loss_weights", "old_logp", "advantages")
 
 
 def make_grpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg: GRPOConfig, *,
-                   accum_steps: int = 1) -> Callable[[dict, Mapping[str, Array], Mapping[str, Any]],
+                   accum_steps: int = 1, vocab: int = 0) -> Callable[[dict, Mapping[str, Array], Mapping[str, Any]],
                                                      tuple[dict, dict]]:
     """The pure ``step(state, batch, extra) -> (state, metrics)``; jit it with ``donate_argnums=0``.
 

@@ -129,9 +129,10 @@ def run_grpo(model: nnx.Module, tokenizer: Any, next_prompts: Callable[[int], li
     if cfg.beta > 0:
         # The reference is the initial policy; copied because the state's buffers get donated.
         extra["ref_params"] = jax.tree.map(jnp.copy, params)
-    step_fn = jax.jit(make_grpo_step(graphdef, tx, cfg, accum_steps=train.grad_accum), donate_argnums=(0,))
-    logprob_fn = ro.make_logprob_fn(graphdef, cfg.temperature)
     gen = Generator(model, tokenizer, max_seq_len=max_seq_len, prompt_bucket=prompt_bucket)
+    step_fn = jax.jit(make_grpo_step(graphdef, tx, cfg, accum_steps=train.grad_accum, vocab=gen.vocab),
+                      donate_argnums=(0,))
+    logprob_fn = ro.make_logprob_fn(graphdef, cfg.temperature, vocab=gen.vocab, top_k=cfg.top_k, top_p=cfg.top_p)
     pad_id = gen.pad_id
     tracker = DiagnosticsTracker(cfg.diagnostics)
     history: list[dict[str, Any]] = []

@@ -1,15 +1,17 @@
 """Rollouts: K sampled completions per prompt, packed into a GRPO training batch.
 
-All G x K rows are generated in ONE batch by the jaxkd ``Generator`` (each prompt repeated K
-times). The sampler draws every row with its own noise (one categorical draw over ``[B, V]``
-per step), so rows of one prompt differ; ``identical_group_frac`` measures that.
+All G x K rows are generated in ONE batch by ``Generator.generate`` (each prompt repeated K
+times; a shared system prompt is prefilled once). Every row samples with its own key
+(``row_keys(seed, row)``), so rows of one prompt differ and a seed reproduces the batch;
+``identical_group_frac`` measures the former.
 
-Log-probs: the current Generator reports the untempered ``log_softmax(logits)`` of each sampled
-token. That is the sampling policy's log-prob only at temperature 1 with top-k / top-p off
-(``sampler_logprob_kind``). Whenever the sampler's numbers cannot serve as ``log pi_old`` (another
-temperature, top-k / top-p on, or ``mu > 1`` updates per batch, or ``recompute_logprobs:
-always``), they are recomputed teacher-forced by the trainer's forward pass at the same
-temperature, and the sampler/trainer gap is logged (``logprob_gap``).
+Log-probs: the Generator captures, per sampled token, its log-prob under the policy that drew it
+(temperature, top-k / top-p and the tokenizer's real vocabulary applied: ``jaxkd.models.sampling``),
+which is ``log pi_old`` as it is. The trainer computes its log-probs with the same function, so the
+two agree up to float error. They are recomputed teacher-forced anyway when ``mu > 1`` (the first
+update's ratio must be exactly 1), with top-k / top-p (the kept set is a threshold that float
+error may move), or with ``recompute_logprobs: always``; the sampler/trainer gap is then logged
+(``logprob_gap``).
 """
 
 from __future__ import annotations
@@ -118,56 +120,36 @@ def rollout_sampling(cfg: GRPOConfig, seed: int) -> SamplingConfig:
                           top_k=cfg.top_k, top_p=cfg.top_p, seed=seed)
 
 
-def sampler_logprob_kind(sampling: SamplingConfig) -> Literal["policy", "base"]:
-    """What the Generator's per-token log-probs are: the sampling policy's, or the untempered
-    model's (``jaxkd.models.generate.sample_tokens`` returns ``log_softmax(logits)``)."""
-    plain = sampling.top_k == 0 and sampling.top_p >= 1.0
-    return "policy" if plain and sampling.temperature == 1.0 else "base"
-
-
 def needs_recompute(cfg: GRPOConfig, kind: Literal["policy", "base"]) -> bool:
     """Whether ``log pi_old`` must come from a teacher-forced pass instead of the sampler."""
     return (cfg.recompute_logprobs == "always" or kind != "policy" or cfg.mu > 1
             or cfg.top_k > 0 or cfg.top_p < 1.0)
 
 
-def _sample_rows(generator: Generator, prompt_ids: Sequence[Sequence[int]], sampling: SamplingConfig
-                 ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
-    """Per row: sampled tokens (the EOS that ended it included), their log-probs, finished flag.
-
-    Reads the Generator's per-step stream because ``generate()`` drops the EOS token and so would
-    not say which stop token (the tokenizer may have several) the policy chose.
-    """
-    b = len(prompt_ids)
-    toks: list[list[int]] = [[] for _ in range(b)]
-    logps: list[list[float]] = [[] for _ in range(b)]
-    done = [False] * b
-    for tok_b, logp_b in generator._steps(prompt_ids, sampling, {}):
-        for i in range(b):
-            if done[i]:
-                continue
-            toks[i].append(int(tok_b[i]))
-            logps[i].append(float(logp_b[i]))
-            done[i] = int(tok_b[i]) in generator.eos_ids
-    return toks, logps, done
-
-
 def generate_rollouts(generator: Generator, prompts: Sequence[Prompt], cfg: GRPOConfig, *,
                       seed: int) -> Rollout:
-    """K = ``cfg.num_generations`` completions for each prompt, all in one generation batch."""
+    """K = ``cfg.num_generations`` completions for each prompt, all in one generation batch.
+
+    Row i (prompt ``i // K``) samples with key ``fold_in(key(seed), i)``: the same ``seed`` gives
+    the same rollout, and no two rows share a random stream. A row that finished keeps the EOS
+    token its policy drew (the tokenizer may have several), so the stop decision is trained too.
+    """
     if not prompts:
         raise ValueError("generate_rollouts needs at least one prompt")
     k = cfg.num_generations
-    sampling = rollout_sampling(cfg, seed)
     rows = [list(p.ids) for p in prompts for _ in range(k)]
-    toks, logps, done = _sample_rows(generator, rows, sampling)
-    eos = generator.eos_ids
-    texts = [generator.tokenizer.decode([t for t in row if t not in eos], skip_special_tokens=True)
-             for row in toks]
+    out = generator.generate(rows, rollout_sampling(cfg, seed), return_policy_logprobs=True,
+                             row_ids=range(len(rows)))
+    toks = [list(t) + ([e] if e is not None else []) for t, e in zip(out.tokens, out.eos_tokens)]
+    logps = [np.asarray(lp, np.float32) for lp in out.policy_logprobs]
+    for i, (t, lp) in enumerate(zip(toks, logps)):
+        if len(t) != len(lp):  # the Generator's documented layout; a mismatch would misalign pi_old
+            raise RuntimeError(f"rollout row {i}: {len(t)} tokens but {len(lp)} policy log-probs")
+    texts = [generator.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
     return Rollout(prompts=list(prompts), group=np.repeat(np.arange(len(prompts)), k),
-                   completion_ids=toks, completion_text=texts, truncated=~np.asarray(done, bool),
-                   sampler_logprobs=[np.asarray(lp, np.float32) for lp in logps],
-                   sampler_logprob_kind=sampler_logprob_kind(sampling))
+                   completion_ids=toks, completion_text=texts,
+                   truncated=np.asarray([r != "eos" for r in out.finish_reasons], bool),
+                   sampler_logprobs=logps, sampler_logprob_kind="policy")
 
 
 def identical_group_frac(rollout: Rollout) -> float:
@@ -231,14 +213,18 @@ def pack_batch(rollout: Rollout, *, pad_id: int, seq_len: int | None = None, buc
 # --------------------------------------------------------------------------------------------
 
 
-def make_logprob_fn(graphdef: Any, temperature: float) -> Callable:
-    """Jitted ``(params, frozen, batch) -> (logp at temperature, logp at 1)``, both ``[B, T]``,
-    from one forward pass (the second is what the current sampler reports)."""
+def make_logprob_fn(graphdef: Any, temperature: float, *, vocab: int = 0, top_k: int = 0,
+                    top_p: float = 1.0) -> Callable:
+    """Jitted ``(params, frozen, batch) -> (policy logp, base logp)``, both ``[B, T]``, from one
+    forward pass: under the sampling policy (``grpo.token_logprobs`` with these settings; ``vocab``
+    the tokenizer's real vocabulary, as the Generator's) and under the untempered model."""
     def fn(params, frozen, batch):
         model = nnx.merge(graphdef, params, frozen)
         logits_btv, _ = model(batch["input_ids"], batch["positions"], segment_ids_bt=batch["segment_ids"])
-        logp_t, _ = token_logprobs(logits_btv, batch["targets"], temperature)
-        logp_1, _ = token_logprobs(logits_btv, batch["targets"], 1.0)
+        logp_t, _ = token_logprobs(logits_btv, batch["targets"], temperature, vocab=vocab, top_k=top_k,
+                                   top_p=top_p)
+        logp_1 = jnp.take_along_axis(jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1),
+                                     batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
         return logp_t, logp_1
 
     return jax.jit(fn)
