@@ -319,7 +319,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     for name, f in fields.items():
         path = f"{where}.{name}" if where else name
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], path)
+            value = data[name]
+            if (isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING
+                    and dataclasses.is_dataclass(hints[name])):
+                # A partly given section starts from the field's own default (e.g. grpo.judge's
+                # 0.5B model), not from its class's defaults.
+                value = {**to_dict(f.default_factory()), **value}
+            kwargs[name] = _convert(hints[name], value, path)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {path}")
     try:
@@ -393,6 +399,7 @@ LossKind = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_r
 class Stage(str, enum.Enum):
     TEACHER = "teacher"  # teacher answers + top-k logits into the cache (once)
     KD = "kd"            # train the student on the cached answers / logits
+    GRPO = "grpo"        # reinforce the (KD) student on rewards of its own samples
 
 
 def _teacher_sampling() -> SamplingConfig:
@@ -610,6 +617,23 @@ class GRPOConfig:
     w_lang: float = 0.4
     seed: int = 0
     diagnostics: GRPODiagnosticsConfig = dataclasses.field(default_factory=GRPODiagnosticsConfig)
+    # --- stage=grpo (jaxkd.rl.recipe) ---
+    # The policy's start: a trained run dir (e.g. runs/kd-cpu) or any model spec; "" or a run dir
+    # that does not exist yet: the ``student`` preset (said so in the log).
+    init: str = ""
+    # The reward's scorer: a separate model (never the policy), the base 0.5B preset by default.
+    judge: "JudgeConfig" = dataclasses.field(
+        default_factory=lambda: JudgeConfig(model="qwen2.5-coder-0.5b-instruct"))
+    # The mix inside R_tech / R_lang (rule weights, use_judge); its w_tech / w_lang must stay at
+    # their defaults: grpo.w_tech / grpo.w_lang weigh R_tech / R_lang.
+    reward: "RewardConfig" = dataclasses.field(default_factory=lambda: RewardConfig())
+    # Optimiser / schedule / trainable subset / checkpoints of the GRPO run. steps counts optimizer
+    # updates (mu per rollout batch); batch_size / max_len / eval_every / final_generate are unused
+    # (a batch is prompts_per_step x K rows; grad_accum splits them into micro-batches).
+    train: TrainConfig = dataclasses.field(default_factory=lambda: TrainConfig(
+        steps=10, lr=1e-6, warmup_steps=0, schedule="constant", trainable="no_embed", ckpt_every=0))
+    domain_balance: bool = True       # prompts: every domain (domain_sampling.key) equally likely
+    max_seq_len: int = 1024           # prompt + completion tokens per rollout row
 
     def __post_init__(self) -> None:
         if self.num_generations < 2:
@@ -651,6 +675,24 @@ class GRPOConfig:
             raise ConfigError(f"grpo.w_tech and grpo.w_lang must be >= 0, got {self.w_tech}, {self.w_lang}")
         if self.w_tech == 0 and self.w_lang == 0:
             raise ConfigError("grpo.w_tech and grpo.w_lang are both 0: the reward would be constant")
+        default = RewardConfig()
+        if (self.reward.w_tech, self.reward.w_lang) != (default.w_tech, default.w_lang):
+            raise ConfigError("grpo.reward.w_tech / grpo.reward.w_lang are not used by GRPO; set "
+                              "grpo.w_tech / grpo.w_lang (R = w_tech * R_tech + w_lang * R_lang)")
+        if self.train.steps % self.mu or self.train.ckpt_every % self.mu:
+            raise ConfigError(f"grpo.train.steps ({self.train.steps}) and grpo.train.ckpt_every "
+                              f"({self.train.ckpt_every}) must be multiples of grpo.mu ({self.mu}): a "
+                              f"rollout batch's mu updates are never split by a checkpoint")
+        if self.rows % self.train.grad_accum:
+            raise ConfigError(f"grpo rows per step (prompts_per_step x K = {self.rows}) must be a "
+                              f"multiple of grpo.train.grad_accum={self.train.grad_accum}")
+        if self.max_seq_len <= self.max_new_tokens:
+            raise ConfigError(f"grpo.max_seq_len ({self.max_seq_len}) must exceed grpo.max_new_tokens "
+                              f"({self.max_new_tokens})")
+
+    def reward_config(self) -> "RewardConfig":
+        """``reward`` with GRPO's weights, so a RewardBreakdown's ``reward`` is the GRPO reward."""
+        return dataclasses.replace(self.reward, w_tech=self.w_tech, w_lang=self.w_lang)
 
     @property
     def rows(self) -> int:

@@ -276,8 +276,19 @@ def test_config_errors_name_the_key(kw, match):
 
 
 def test_config_loader_and_defaults():
+    for other in ("cpu_corpus.yaml", "qwen2.5-7b-to-1.5b.yaml"):  # configs without a grpo section
+        assert load(RunConfig, CONFIG_DIR / other).grpo == GRPOConfig()
     cfg = load(RunConfig, CONFIG_DIR / "cpu_default.yaml")
-    assert cfg.grpo == GRPOConfig()  # existing configs stay valid with the defaults
+    g = cfg.grpo  # cpu_default's grpo section: from the KD run, judged by the base 0.5B preset
+    assert g.init == "runs/kd-cpu" and g.judge.model == "qwen2.5-coder-0.5b-instruct" and g.rows == 8
+    assert g.train.steps % g.mu == 0 and g.train.trainable == "no_embed"
+    # a partly overridden section keeps the field's own defaults (the judge stays the 0.5B preset)
+    assert GRPOConfig().judge.model == "qwen2.5-coder-0.5b-instruct"
+    assert load(RunConfig, None, ["grpo.judge.batch_size=4"]).grpo.judge.model == "qwen2.5-coder-0.5b-instruct"
+    with pytest.raises(ConfigError, match=r"set grpo.w_tech / grpo.w_lang"):
+        load(RunConfig, CONFIG_DIR / "cpu_default.yaml", ["grpo.reward.w_lang=0"])
+    with pytest.raises(ConfigError, match=r"multiples of grpo.mu \(2\)"):
+        load(RunConfig, CONFIG_DIR / "cpu_default.yaml", ["grpo.mu=2", "grpo.train.steps=5"])
     d = GRPOConfig()
     assert d.top_k == 0 and d.top_p == 1.0 and d.aggregation == "token_mean" and d.beta == 0.0
     cfg = load(RunConfig, CONFIG_DIR / "cpu_default.yaml",

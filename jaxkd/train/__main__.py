@@ -5,6 +5,8 @@ stage=teacher  the teacher answers the training (and validation) prompts once; a
                ``teacher.answers_dir`` for committing.
 stage=kd       the student trains on them into ``runs/<name>`` (``--resume`` continues the run);
                ``python -m jaxkd.generate --model runs/<name>`` then serves it.
+stage=grpo     GRPO from ``grpo.init`` (e.g. runs/kd-cpu) into ``runs/<name>`` with the judge +
+               rule reward; publishes evals/results/grpo_<name>.png/.json/.md at the end.
 
 Each stage is a recipe: a function ``(cfg, resume, command) -> exit code`` in ``RECIPES``, the one
 dispatch table from ``config.Stage``. Processes that load real weights should run under
@@ -63,11 +65,41 @@ def kd_recipe(cfg: RunConfig, resume: bool, command: str) -> int:
     return 0
 
 
-# The one dispatch table: a new stage (e.g. grpo) adds its Stage member and its recipe here.
+def grpo_recipe(cfg: RunConfig, resume: bool, command: str) -> int:
+    from jaxkd.rl import recipe
+
+    t0 = time.perf_counter()
+    result = recipe.run_grpo_stage(cfg, resume=resume, log=_log)
+    summary = result.summary
+    summary["total_s"] = round(time.perf_counter() - t0, 1)
+    summary["command"] = command
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    results = _results_dir()
+    if results is not None:
+        written = recipe.grpo_report(cfg.run_dir, results, cfg.name, cfg.grpo.diagnostics)
+        print(f"GRPO report: {', '.join(str(p) for p in written.values())}", flush=True)
+    print(json.dumps({k: v for k, v in summary.items() if k != "grpo"}, indent=1, default=str))
+    print(f"GRPO policy in {cfg.run_dir}: serve it with `python -m jaxkd.generate --model {cfg.run_dir} "
+          f"\"...\"`", flush=True)
+    return 0
+
+
+# The one dispatch table: a new stage adds its Stage member and its recipe here.
 RECIPES: dict[Stage, Callable[[RunConfig, bool, str], int]] = {
     Stage.TEACHER: teacher_recipe,
     Stage.KD: kd_recipe,
+    Stage.GRPO: grpo_recipe,
 }
+
+
+def _results_dir() -> Path | None:
+    """evals/results (or $JAXKD_RESULTS_DIR); None outside a checkout."""
+    results = Path(os.environ.get("JAXKD_RESULTS_DIR")
+                   or Path(__file__).resolve().parents[2] / "evals" / "results")
+    if not results.parent.is_dir():
+        return None
+    results.mkdir(exist_ok=True)
+    return results
 
 
 def _publish(cfg: RunConfig) -> None:

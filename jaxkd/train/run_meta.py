@@ -51,9 +51,10 @@ def run_meta(*, recipe: str, name: str, base: dict[str, Any], model_cfg: ModelCo
 
 
 def prepare_run_dir(cfg: RunConfig, *, recipe: str, pretrained: Any, model_cfg: ModelConfig, tokenizer: Any,
-                    system_prompt: str | None) -> Path:
-    """Write ``config.json`` and ``run.json`` into ``cfg.run_dir`` (created if needed)."""
-    tc = cfg.train
+                    system_prompt: str | None, train: Any = None) -> Path:
+    """Write ``config.json`` and ``run.json`` into ``cfg.run_dir`` (created if needed). ``train``:
+    the recipe's TrainConfig when it is not ``cfg.train`` (GRPO's is ``cfg.grpo.train``)."""
+    tc = cfg.train if train is None else train
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
