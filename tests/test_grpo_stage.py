@@ -136,3 +136,54 @@ def test_ablation_switches_parse_and_change_the_reward(override, check):
         assert cfg.grpo.rows == 16 and default.grpo.rows == 8 and np.allclose(total, base)
     else:
         assert not np.allclose(total, base)  # the switch changes the reward
+
+
+def test_trainer_grpo_step_with_grad_accum_equals_the_full_batch_update():
+    """grpo_loss_fn on the trainer: 2 micro-batches of a rollout batch give the full-batch loss,
+    gradient norm and update (the per-token weights are normalised over the whole batch)."""
+    import functools
+
+    import jax
+    import optax
+
+    from jaxkd.config import GRPOConfig
+    from jaxkd.rl import grpo as G
+    from jaxkd.rl.loop import grpo_loss_fn
+    from jaxkd.train import state as st
+    from jaxkd.train.trainer import make_train_step
+
+    graphdef, params, frozen = st.split_model(tiny_decoder(seed=1), "all")
+    rs = np.random.RandomState(0)
+    n, t = 4, 24
+    ids = rs.randint(0, 256, (n, t)).astype(np.int32)
+    mask = np.zeros((n, t), np.float32)
+    for i, length in enumerate([16, 9, 12, 5]):
+        mask[i, 7:7 + length] = 1
+    cfg = GRPOConfig(max_new_tokens=16, beta=0.02, aggregation="seq_mean_token_mean")
+    batch = {"input_ids": ids, "positions": np.tile(np.arange(t, dtype=np.int32), (n, 1)),
+             "segment_ids": np.ones((n, t), np.int32), "targets": np.roll(ids, -1, axis=1), "completion_mask": mask,
+             "advantages": np.array([1.0, -0.5, 0.8, -1.3], np.float32),
+             "loss_weights": G.loss_weights(mask, cfg.aggregation, cfg.max_new_tokens)}
+    lp, _ = G.policy_logprobs(graphdef, params, frozen, {k: jax.numpy.asarray(v) for k, v in batch.items()}, 1.0,
+                              vocab=259)
+    batch["old_logp"] = np.asarray(lp) + np.float32(0.1) * np.sign(batch["advantages"])[:, None]  # ratio != 1
+    extra = {"frozen": frozen, "ref_params": jax.tree.map(jax.numpy.copy, params)}
+
+    def run(accum):
+        tx = optax.sgd(1.0)
+        step = make_train_step(functools.partial(grpo_loss_fn, graphdef=graphdef, cfg=cfg, vocab=259,
+                                                 grad_accum=accum), tx, clip_norm=0.0, grad_accum=accum)
+        feed = batch if accum == 1 else {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in batch.items()}
+        state = st.init_state(jax.tree.map(jax.numpy.copy, params), tx, 0)
+        state, m = step(state, feed, extra)
+        return state["params"], {k: float(v) for k, v in m.items()}
+
+    p1, m1 = run(1)
+    p2, m2 = run(2)
+    for k in ("loss", "grad_norm", "pg_loss", "tokens"):
+        np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, err_msg=k)
+    moved = 0.0
+    for a, b, p0 in zip(jax.tree.leaves(p2), jax.tree.leaves(p1), jax.tree.leaves(params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=2e-7)
+        moved = max(moved, float(np.abs(np.asarray(b) - np.asarray(p0)).max()))
+    assert moved > 1e-4 and m1["kl_ref"] == 0.0  # the reference ran; it equals the policy before the update
