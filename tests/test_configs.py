@@ -59,7 +59,7 @@ def test_cli_overrides_and_stage():
     cfg = load(RunConfig, CONFIG_DIR / "cpu_default.yaml", ["stage=teacher", "train.steps=3",
                                                             "teacher.grounding=reference"])
     assert cfg.stage is Stage.TEACHER and cfg.train.steps == 3 and cfg.teacher.grounding == "reference"
-    with pytest.raises(ConfigError, match=r"stage: 'distil' is not allowed; allowed values: \['teacher', 'kd'\]"):
+    with pytest.raises(ConfigError, match=r"stage: 'distil' is not allowed; allowed values: \['teacher', 'kd', 'grpo'\]"):
         load(RunConfig, CONFIG_DIR / "cpu_default.yaml", ["stage=distil"])
 
 
