@@ -495,8 +495,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0      # global-norm clipping; 0: off
     trainable: Literal["all", "no_embed", "lora"] = "no_embed"
-    lora_rank: int = 8
+    lora_rank: int = 8          # trainable=lora: adapter rank r, scale lora_alpha / r
     lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                     "down_proj")  # the projections that get adapters
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     seed: int = 0
     ckpt_every: int = 0         # 0: only at the end
@@ -519,6 +521,14 @@ class TrainConfig:
             raise ConfigError(f"train.clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
         if not 0.0 <= self.end_lr_ratio <= 1.0:
             raise ConfigError(f"train.end_lr_ratio must be in [0, 1], got {self.end_lr_ratio}")
+        if self.lora_rank <= 0 or self.lora_alpha <= 0:
+            raise ConfigError(f"train.lora_rank and train.lora_alpha must be > 0, got "
+                              f"{self.lora_rank} and {self.lora_alpha}")
+        allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        bad = [t for t in self.lora_targets if t not in allowed]
+        if bad or not self.lora_targets or len(set(self.lora_targets)) != len(self.lora_targets):
+            raise ConfigError(f"train.lora_targets {list(self.lora_targets)}: a non-empty list of "
+                              f"distinct names from {list(allowed)}")
 
 
 @_frozen

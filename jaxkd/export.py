@@ -4,7 +4,8 @@
 
 ``--to hf`` writes config.json, generation_config.json, model.safetensors and the tokenizer (with
 the chat template the run was trained with) so that ``transformers`` loads it with
-``AutoModelForCausalLM.from_pretrained(OUT)``, plus ``jaxkd_serving.json`` (the run's system
+``AutoModelForCausalLM.from_pretrained(OUT)`` (a LoRA run: its adapters merged into the base
+weights, ``W + alpha/r B A``), plus ``jaxkd_serving.json`` (the run's system
 prompt and where the weights came from) so that jaxkd serves the export exactly like the run.
 """
 
@@ -21,14 +22,11 @@ FORMATS = ("hf",)
 
 def export_hf(model_spec: str, out_dir: str | Path, *, step: int | None = None) -> Path:
     """Load ``model_spec`` with ``jaxkd.serving.load_model`` and write it as an HF directory."""
-    from jaxkd.ckpt import CheckpointError, read_run_meta
     from jaxkd.models.params import write_hf_dir
     from jaxkd.serving import SERVING_FILE, load_model
 
+    # A LoRA run loads with its adapters already merged into the base weights (serving.load_model).
     loaded = load_model(model_spec, step=step)
-    if loaded.kind == "run" and read_run_meta(loaded.run_dir)["trainable"] == "lora":
-        raise CheckpointError(f"{model_spec} was trained with LoRA adapters; merging them into the "
-                              "base weights for export is not implemented")
     out = write_hf_dir(loaded.config, loaded.model.hf_tensors(), out_dir, tokenizer=loaded.tokenizer)
     (out / SERVING_FILE).write_text(json.dumps(
         {"name": loaded.name, "system_prompt": loaded.system_prompt, "exported_from": loaded.source,

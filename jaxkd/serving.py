@@ -132,6 +132,7 @@ def _load_plain(spec: str | os.PathLike | ModelSpec, **kw: Any) -> LoadedModel:
 def _load_run(run_dir: Path, step: int | None, **kw: Any) -> LoadedModel:
     from flax import nnx
 
+    from jaxkd.models.lora import merge_lora
     from jaxkd.train.state import apply_lora, split_model
 
     meta = read_run_meta(run_dir)
@@ -150,13 +151,19 @@ def _load_run(run_dir: Path, step: int | None, **kw: Any) -> LoadedModel:
     model = parent.model
     lora = meta.get("lora")
     if meta["trainable"] == "lora":
-        model = apply_lora(model, lora["rank"], lora["alpha"], lora["seed"])
+        if not lora:
+            raise CheckpointError(f"{run_dir / 'run.json'}: trainable is 'lora' but there are no lora settings")
+        # The checkpoint holds only the adapters: rebuild them on the base, restore, then merge
+        # them into the base weights so the served model runs at the base model's cost.
+        model = apply_lora(model, lora["rank"], lora["alpha"], lora["seed"], lora.get("targets"))
     _, params, _ = split_model(model, meta["trainable"])
     with RunCheckpointer(run_dir) as ck:
         step = ck.resolve_step(step)
         restored = ck.restore_params(step, params)
         where = ck.step_dir(step)
     nnx.update(model, restored)
+    if meta["trainable"] == "lora":
+        merge_lora(model)
     tokenizer = parent.tokenizer
     if meta.get("chat_template"):
         tokenizer.chat_template = meta["chat_template"]  # serve with the template it was trained with

@@ -162,6 +162,11 @@ class Decoder(nnx.Module):
 
     def hf_tensors(self) -> dict[str, np.ndarray]:
         """The HF state dict (float32 numpy, ``[out, in]`` layouts): inverse of ``load_hf_tensors``."""
+        from jaxkd.models.lora import has_lora
+
+        if has_lora(self):
+            raise ValueError("this Decoder carries LoRA adapters, which HF weights cannot hold: "
+                             "fold them in with jaxkd.models.lora.merge_lora(model) first")
         return {name: np.asarray(to_hf(np.asarray(jax.device_get(param[...]), np.float32)))
                 for name, (param, _, to_hf) in self.hf_map().items()}
 

@@ -44,8 +44,10 @@ ones_init: Initializer = nnx.initializers.ones_init()
 
 
 def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
-               logical_names: tuple[str | None, ...], dtype: Any) -> nnx.Param:
-    """An ``nnx.Param`` with logical axis names; sharded at creation only when a mesh is set."""
+               logical_names: tuple[str | None, ...], dtype: Any, kind: type[nnx.Param] = nnx.Param,
+               ) -> nnx.Param:
+    """An ``nnx.Param`` (or subclass ``kind``) with logical axis names; sharded at creation only
+    when a mesh is set."""
     if len(logical_names) != len(shape):
         raise ValueError(f"{len(logical_names)} logical names {logical_names} for shape {tuple(shape)}")
     mesh_active = not jax.sharding.get_abstract_mesh().empty
@@ -54,7 +56,7 @@ def make_param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int],
         raise ValueError("building a jaxkd model under a mesh needs the logical axis rules too: "
                          "use `with jaxkd.sharding.mesh_context(mesh):` or jaxkd.models.build_decoder")
     value = init(rngs.params(), tuple(shape), dtype)
-    return nnx.Param(value, out_sharding=logical_names, eager_sharding=eager)
+    return kind(value, out_sharding=logical_names, eager_sharding=eager)
 
 
 class RMSNorm(nnx.Module):
@@ -159,16 +161,77 @@ class Projection(nnx.Module):
 
     ``weight`` has shape ``out_shape + in_shape``: HF's ``[prod(out_shape), prod(in_shape)]``
     matrix with its axes split (``to_hf`` / ``from_hf`` are reshapes).
+
+    Optional LoRA adapter (``add_lora``; see ``jaxkd.models.lora``): ``lora_a`` ``(r,) + in_shape``
+    and ``lora_b`` ``out_shape + (r,)`` (``nnx.LoRAParam``), i.e. PEFT's ``lora_A [r, in]`` /
+    ``lora_B [out, r]`` with the axes split like the weight's, and the output gains
+    ``alpha / r * B (A x)``. ``lora_enabled`` (a static attribute, part of the graphdef) turns
+    the adapter off without touching its values.
     """
 
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], names: tuple[str, ...],
                  *, use_bias: bool, rngs: nnx.Rngs, param_dtype: Any, compute_dtype: Any):
         """``names`` are the logical axis names of ``out_shape + in_shape``, in that order."""
         self.in_shape, self.out_shape = in_shape, out_shape
+        self.names = tuple(names)
         self.compute_dtype = compute_dtype
         self.weight = make_param(rngs, normal_init, out_shape + in_shape, names, param_dtype)
         self.bias = (make_param(rngs, zeros_init, out_shape, names[:len(out_shape)], param_dtype)
                      if use_bias else None)
+
+    # -- LoRA ------------------------------------------------------------------------------
+
+    @property
+    def lora_rank(self) -> int:
+        """The adapter's rank; 0 without one."""
+        a = getattr(self, "lora_a", None)
+        return 0 if a is None else int(a.shape[0])
+
+    def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+        """Attach a rank-``rank`` adapter: A small random (std 1/sqrt(in), as a unit-scale input
+        gives unit-scale A x), B zeros, so the adapted layer starts exactly equal to the base."""
+        if self.lora_rank:
+            raise ValueError(f"this Projection already has a rank-{self.lora_rank} LoRA adapter")
+        if rank <= 0 or alpha <= 0:
+            raise ValueError(f"LoRA needs rank > 0 and alpha > 0, got rank={rank}, alpha={alpha}")
+        dtype = self.weight[...].dtype
+        n_out = len(self.out_shape)
+        a_init = nnx.initializers.normal(1.0 / math.sqrt(math.prod(self.in_shape)))
+        a = make_param(rngs, a_init, (rank,) + self.in_shape, (None,) + self.names[n_out:], dtype,
+                       nnx.LoRAParam)
+        b = make_param(rngs, zeros_init, self.out_shape + (rank,), self.names[:n_out] + (None,), dtype,
+                       nnx.LoRAParam)
+        sharding = getattr(self.weight[...], "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            # a model placed on a mesh outside any mesh context: lay the adapters out like it
+            from jaxkd.sharding import logical_to_spec
+
+            for var, names in ((a, (None,) + self.names[n_out:]), (b, self.names[:n_out] + (None,))):
+                spec = logical_to_spec(names, var.shape, sharding.mesh)
+                var[...] = jax.device_put(var[...], jax.sharding.NamedSharding(sharding.mesh, spec))
+        self.lora_a, self.lora_b = a, b
+        self.lora_scale = float(alpha) / rank
+        self.lora_enabled = True
+
+    def lora_delta(self) -> jax.Array:
+        """``alpha / r * B A`` in the weight's ``out_shape + in_shape`` layout, float32."""
+        if not self.lora_rank:
+            raise ValueError("this Projection has no LoRA adapter")
+        r = self.lora_rank
+        a_ri = self.lora_a[...].astype(jnp.float32).reshape(r, -1)
+        b_or = self.lora_b[...].astype(jnp.float32).reshape(-1, r)
+        delta = jnp.matmul(b_or, a_ri, precision=jax.lax.Precision.HIGHEST) * self.lora_scale
+        return delta.reshape(self.out_shape + self.in_shape)
+
+    def merge_lora(self) -> None:
+        """Fold the adapter into ``weight`` (``W + alpha/r B A``, summed in float32, stored in the
+        weight's dtype) and drop it: the layer then computes what the adapted layer did (up to
+        rounding) at the base layer's cost."""
+        w = self.weight[...]
+        self.weight[...] = (w.astype(jnp.float32) + self.lora_delta()).astype(w.dtype)
+        del self.lora_a, self.lora_b, self.lora_scale, self.lora_enabled
+
+    # -- forward ---------------------------------------------------------------------------
 
     def __call__(self, x: jax.Array, spec: str) -> jax.Array:
         """``spec`` documents the contraction (e.g. ``"btnh,dnh->btd"``); it is computed as one
@@ -180,7 +243,14 @@ class Projection(nnx.Module):
             raise ValueError(f"Projection {spec}: input {x.shape} does not end in {self.in_shape}")
         w_oi = self.weight[...].astype(self.compute_dtype).reshape(-1, math.prod(self.in_shape))
         x_mi = x.astype(self.compute_dtype).reshape(*lead, math.prod(self.in_shape))
-        y = jnp.einsum("...i,oi->...o", x_mi, w_oi).reshape(*lead, *self.out_shape)
+        y_mo = jnp.einsum("...i,oi->...o", x_mi, w_oi)
+        if self.lora_rank and self.lora_enabled:
+            r = self.lora_rank
+            a_ri = self.lora_a[...].astype(self.compute_dtype).reshape(r, -1)
+            b_or = self.lora_b[...].astype(self.compute_dtype).reshape(-1, r)
+            h_mr = jnp.einsum("...i,ri->...r", x_mi, a_ri)
+            y_mo = y_mo + jnp.einsum("...r,or->...o", h_mr, b_or) * jnp.asarray(self.lora_scale, y_mo.dtype)
+        y = y_mo.reshape(*lead, *self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.compute_dtype)
         return y

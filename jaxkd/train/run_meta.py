@@ -58,7 +58,8 @@ def prepare_run_dir(cfg: RunConfig, *, recipe: str, pretrained: Any, model_cfg: 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, sort_keys=True))
-    lora = ({"rank": tc.lora_rank, "alpha": tc.lora_alpha, "seed": tc.seed} if tc.trainable == "lora" else None)
+    lora = ({"rank": tc.lora_rank, "alpha": tc.lora_alpha, "seed": tc.seed, "targets": list(tc.lora_targets)}
+            if tc.trainable == "lora" else None)
     write_run_meta(run_dir, run_meta(recipe=recipe, name=cfg.name, base=base_ref(pretrained, cfg.student),
                                      model_cfg=model_cfg, trainable=tc.trainable, lora=lora,
                                      tokenizer=tokenizer, system_prompt=system_prompt))

@@ -8,7 +8,7 @@ weights, which come from the base model.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,29 +32,14 @@ def trainable_filter(kind: str) -> Any:
     raise ValueError(f"unknown train.trainable {kind!r}; allowed: ['all', 'no_embed', 'lora']")
 
 
-def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0) -> nnx.Module:
-    """Wrap the attention/MLP projections with LoRA adapters through qwix (``nnx.LoRAParam``)."""
-    try:
-        import qwix
-    except ImportError as e:  # pragma: no cover - qwix is an install requirement
-        raise RuntimeError("train.trainable=lora needs qwix (pip install qwix)") from e
-    rule = qwix.LoraRule(module_path=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj).*",
-                         rank=rank, alpha=alpha)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    pos = jnp.arange(4, dtype=jnp.int32)[None]
-    try:
-        lora_model = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]), ids, pos,
-                                              rngs=nnx.Rngs(seed))
-        # The train step runs the model split/merged under jit: check that path finds the adapters.
-        graphdef, lora, rest = nnx.split(lora_model, nnx.LoRAParam, ...)
-        jax.jit(lambda a, b: nnx.merge(graphdef, a, b)(ids, pos)[0])(lora, rest)
-        return lora_model
-    except Exception as e:
-        raise RuntimeError(
-            f"qwix could not attach LoRA adapters that work under jit to this Decoder "
-            f"({type(e).__name__}: {str(e)[:200]}). qwix finds a projection's weight by the einsum "
-            f"operand, and jaxkd.models.layers.Projection reshapes the weight before its einsum; use "
-            f"train.trainable=no_embed or all") from e
+def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0,
+               targets: Sequence[str] | None = None) -> nnx.Module:
+    """Attach LoRA adapters (``nnx.LoRAParam``) to the ``targets`` projections (default: all
+    seven attention/MLP projections), in place; see ``jaxkd.models.lora`` (and why not qwix)."""
+    from jaxkd.models.lora import LORA_TARGETS
+    from jaxkd.models.lora import apply_lora as _apply
+
+    return _apply(model, rank, alpha, seed, LORA_TARGETS if targets is None else tuple(targets))
 
 
 def split_model(model: nnx.Module, trainable: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
