@@ -34,6 +34,23 @@ def logits(model) -> np.ndarray:
     return np.asarray(out)
 
 
+def _records() -> dict:
+    records = {"train": tiny_records(2), "val": tiny_records(1)}
+    for r in records["val"]:
+        r["id"] = "val-" + r["id"]
+    return records
+
+
+def _run_cfg(root, preset, name, **train_kw) -> RunConfig:
+    train = dict(steps=2, batch_size=2, max_len=448, lr=3e-3, warmup_steps=0, ckpt_every=0, seed=1)
+    return RunConfig(
+        name=name, runs_dir=str(root / "runs"), student=str(preset),
+        teacher=TeacherConfig(preset="tiny", sampling=SamplingConfig(max_new_tokens=10), batch_size=4, top_k=4,
+                              cache_dir=str(root / "runs" / "teacher_cache"), answers_dir=str(root / "answers")),
+        distill=DistillConfig(alpha=0.5), domain_sampling=DomainSamplingConfig(every_steps=1),
+        train=TrainConfig(**{**train, **train_kw}), data=DataConfig(system_prompt=RUN_PROMPT))
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
@@ -41,16 +58,8 @@ def trained(tmp_path_factory):
     d = write_hf_dir(tiny_config(), tiny_decoder(seed=1).hf_tensors(), root / "student", tokenizer=tok)
     preset = root / "student.yaml"
     preset.write_text(f"name: tiny-student\nsource: hf\nlocation: {d}\n")
-    records = {"train": tiny_records(2), "val": tiny_records(1)}
-    for r in records["val"]:
-        r["id"] = "val-" + r["id"]
-    cfg = RunConfig(
-        name="tiny-kd", runs_dir=str(root / "runs"), student=str(preset),
-        teacher=TeacherConfig(preset="tiny", sampling=SamplingConfig(max_new_tokens=10), batch_size=4, top_k=4,
-                              cache_dir=str(root / "runs" / "teacher_cache"), answers_dir=str(root / "answers")),
-        distill=DistillConfig(alpha=0.5), domain_sampling=DomainSamplingConfig(every_steps=1),
-        train=TrainConfig(steps=2, batch_size=2, max_len=448, lr=3e-3, warmup_steps=0, ckpt_every=0, seed=1),
-        data=DataConfig(system_prompt=RUN_PROMPT))
+    records = _records()
+    cfg = _run_cfg(root, preset, "tiny-kd")
     items = [it for s in ("train", "val") for it in T.teacher_prompts(cfg, s, records=records[s])]
     T.run_teacher(cfg, tiny_decoder(seed=11), tok, items=items, log=lambda s: None)
     result = K.run_kd(cfg, records=records, log=lambda s: None, progress=False)
@@ -176,6 +185,37 @@ def test_export_reloads_in_transformers_with_the_same_logits(trained, tmp_path):
     lm = serving.load_model(out)
     assert lm.kind == "hf" and lm.system_prompt == RUN_PROMPT and "tiny-kd" in lm.name
     np.testing.assert_array_equal(logits(lm.model), trained.logits)
+
+
+def test_a_lora_run_serves_and_exports_its_adapters_merged(trained, tmp_path):
+    """The checkpoint of a LoRA run holds only the adapters; the loader rebuilds them on the base,
+    restores them and merges them, so serving and the HF export see the adapted model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxkd.export import main
+    from jaxkd.models.lora import has_lora
+
+    cfg = _run_cfg(trained.root, trained.preset, "tiny-lora", trainable="lora", lora_rank=4, lr=3e-2,
+                   lora_targets=("q_proj", "v_proj", "down_proj"))
+    cfg = RunConfig(**{**cfg.__dict__, "runs_dir": str(tmp_path / "runs")})  # not the fixture's newest run
+    result = K.run_kd(cfg, records=_records(), log=lambda s: None, progress=False)
+    adapted = logits(result.model())
+    assert has_lora(result.model()) and np.abs(adapted - trained.base_logits).max() > 1e-3
+    meta = json.loads((cfg.run_dir / "run.json").read_text())
+    assert meta["lora"] == {"rank": 4, "alpha": 16.0, "seed": 1, "targets": ["q_proj", "v_proj", "down_proj"]}
+    lm = serving.load_model(cfg.run_dir)
+    assert lm.kind == "run" and not has_lora(lm.model)
+    # merged (W + alpha/r B A in float32) vs adapter forward: float32 rounding only
+    np.testing.assert_allclose(logits(lm.model), adapted, atol=1e-5, rtol=1e-5)
+
+    out = tmp_path / "hf-lora"
+    assert main([str(cfg.run_dir), "--to", "hf", str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    with torch.no_grad():
+        got = hf(torch.from_numpy(np.asarray(IDS, np.int64))).logits.numpy()
+    np.testing.assert_allclose(got, adapted, atol=1e-4, rtol=0)  # the HF export tolerance above
+    np.testing.assert_array_equal(logits(serving.load_model(out).model), logits(lm.model))
 
 
 def test_loader_errors_name_the_problem(trained, tmp_path):
