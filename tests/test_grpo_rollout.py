@@ -196,3 +196,27 @@ def test_loop_dynamic_sampling_and_masking(tok, mode, mask_truncated):
     warned = [x for x in lines if x.startswith("WARNING grpo step") and "zero_variance_groups" in x]
     assert len(warned) == (0 if mode == "resample" else 2)
     assert "zero_variance_frac = 0.5 above max 0.25" in "".join(warned) or mode == "resample"
+
+
+def test_loop_under_lora_trains_only_adapters_with_the_base_as_reference(tok):
+    """run_grpo with trainable=lora and beta > 0: adapters are attached, only they change, and the
+    KL is measured against the base (adapters off; no ref_params copy)."""
+    import jax
+    from flax import nnx
+
+    from jaxkd.models.lora import has_lora
+    from jaxkd.rl.loop import cycle_prompts, run_grpo
+
+    cfg = GRPOConfig(num_generations=4, prompts_per_step=2, max_new_tokens=8, beta=0.05)
+    train = TrainConfig(steps=2, lr=1e-2, warmup_steps=0, trainable="lora", lora_rank=2)
+    model = tiny_decoder(seed=3)
+    base = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    out = run_grpo(model, tok, cycle_prompts(_prompts(tok), 0), _lowercase_reward, cfg, train, steps=2,
+                   reward_weights={"toy": 1.0}, max_seq_len=256, log=lambda s: None)
+    assert has_lora(model)
+    after = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+             if isinstance(x, jax.Array)]
+    assert len(after) == len(base) and all(np.array_equal(a, b) for a, b in zip(base, after))
+    # step 0's policy is the base (B = 0): its KL to the reference is 0; after an update it is not
+    kls = [h["kl_ref"] for h in out["history"]]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] > 0
