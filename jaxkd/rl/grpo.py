@@ -254,17 +254,25 @@ def grpo_loss(logp_bt: Array, old_logp_bt: Array, advantages_b: Array, mask_bt: 
 # --------------------------------------------------------------------------------------------
 
 def grpo_objective(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State, ref_params: nnx.State | None,
-                   batch: Mapping[str, Array], cfg: GRPOConfig, *, vocab: int = 0) -> tuple[Array, dict]:
+                   batch: Mapping[str, Array], cfg: GRPOConfig, *, vocab: int = 0,
+                   ref_graphdef: nnx.GraphDef | None = None) -> tuple[Array, dict]:
     """``(loss, metrics)`` of one (micro-)batch: the policy forward (+ the reference forward only
-    when ``cfg.beta`` > 0), ``grpo_loss`` and the policy entropy on completion tokens."""
+    when ``cfg.beta`` > 0), ``grpo_loss`` and the policy entropy on completion tokens.
+
+    ``ref_graphdef`` (LoRA): the policy's graphdef with its adapters off
+    (``jaxkd.models.lora.lora_graphdef(model, False)``); the reference is then the base model,
+    computed from the policy's own state, and ``ref_params`` is not needed."""
     sampler = dict(vocab=vocab, top_k=cfg.top_k, top_p=cfg.top_p)
     logp_bt, entropy_bt = policy_logprobs(graphdef, params, frozen, batch, cfg.temperature,
                                           with_entropy=True, **sampler)
     ref_logp_bt = None
     if cfg.beta > 0.0:
-        if ref_params is None:
+        ref_def = graphdef
+        if ref_graphdef is not None:
+            ref_def, ref_params = ref_graphdef, jax.lax.stop_gradient(params)  # adapters off: unread
+        elif ref_params is None:
             raise ValueError("grpo.beta > 0 needs the reference params (extra['ref_params'])")
-        ref_logp_bt, _ = policy_logprobs(graphdef, ref_params, frozen, batch, cfg.temperature, **sampler)
+        ref_logp_bt, _ = policy_logprobs(ref_def, ref_params, frozen, batch, cfg.temperature, **sampler)
         ref_logp_bt = jax.lax.stop_gradient(ref_logp_bt)
     mask = batch["completion_mask"] > 0
     loss, metrics = grpo_loss(logp_bt, batch["old_logp"], batch["advantages"], mask,

@@ -28,6 +28,7 @@ from flax import nnx
 
 from jaxkd.config import GRPOConfig, TrainConfig
 from jaxkd.models.generate import Generator
+from jaxkd.models.lora import has_lora, lora_graphdef
 from jaxkd.rl import rollout as ro
 from jaxkd.rl.diagnostics import DiagnosticsTracker, rollout_diagnostics
 from jaxkd.rl.grpo import (STEP_BATCH_KEYS, combine_rewards, group_advantages, grpo_objective, loss_weights,
@@ -98,8 +99,10 @@ def _mean_metrics(rows: list[dict]) -> dict[str, float]:
 
 
 def grpo_loss_fn(params: Any, batch: Mapping[str, jax.Array], extra: Mapping[str, Any], rng: jax.Array, *,
-                 graphdef: nnx.GraphDef, cfg: GRPOConfig, vocab: int, grad_accum: int) -> tuple[jax.Array, dict]:
-    """The trainer's ``loss_fn`` for GRPO. ``extra``: ``frozen`` (+ ``ref_params`` when beta > 0).
+                 graphdef: nnx.GraphDef, cfg: GRPOConfig, vocab: int, grad_accum: int,
+                 ref_graphdef: nnx.GraphDef | None = None) -> tuple[jax.Array, dict]:
+    """The trainer's ``loss_fn`` for GRPO. ``extra``: ``frozen`` (+ ``ref_params`` when beta > 0,
+    unless ``ref_graphdef``, the LoRA policy with adapters off, is the reference).
 
     The per-token weights are normalised over the WHOLE rollout batch, so micro-batch losses add
     up to the full-batch loss; the trainer averages micro-batch gradients, hence the factor
@@ -108,7 +111,7 @@ def grpo_loss_fn(params: Any, batch: Mapping[str, jax.Array], extra: Mapping[str
     """
     del rng  # the objective is deterministic
     loss, metrics = grpo_objective(graphdef, params, extra["frozen"], extra.get("ref_params"), batch, cfg,
-                                   vocab=vocab)
+                                   vocab=vocab, ref_graphdef=ref_graphdef)
     for k in ("pg_loss", "tokens"):
         metrics[k] = metrics[k] * grad_accum
     return loss * grad_accum, metrics
@@ -262,11 +265,19 @@ class RolloutRecords:
         return Hook(self, every=1, name="grpo_records")
 
 
+def lora_reference(model: nnx.Module, trainable: str, beta: float) -> nnx.GraphDef | None:
+    """Under LoRA with beta > 0 the reference model is the base: the policy's graphdef with its
+    adapters off (no copy of any weight; ``grpo_objective``'s ``ref_graphdef``). None otherwise."""
+    return lora_graphdef(model, False) if trainable == "lora" and beta > 0 else None
+
+
 def build_optimizer_step(graphdef: nnx.GraphDef, cfg: GRPOConfig, train: TrainConfig, *, vocab: int,
-                         mesh: Any = None) -> tuple[optax.GradientTransformation, Any]:
+                         mesh: Any = None, ref_graphdef: nnx.GraphDef | None = None,
+                         ) -> tuple[optax.GradientTransformation, Any]:
     """(tx, the trainer's jitted step) for GRPO under ``train``'s optimizer / clip / accumulation."""
     tx = st.make_optimizer(train)
-    loss = functools.partial(grpo_loss_fn, graphdef=graphdef, cfg=cfg, vocab=vocab, grad_accum=train.grad_accum)
+    loss = functools.partial(grpo_loss_fn, graphdef=graphdef, cfg=cfg, vocab=vocab, grad_accum=train.grad_accum,
+                             ref_graphdef=ref_graphdef)
     return tx, make_train_step(loss, tx, clip_norm=train.clip_norm, grad_accum=train.grad_accum, mesh=mesh)
 
 
@@ -291,15 +302,19 @@ def run_grpo(model: nnx.Module, tokenizer: Any, next_prompts: Callable[[int], li
             raise ValueError(f"micro-batch of {n_rows // train.grad_accum} rows must be a multiple of mesh "
                              f"data x fsdp = {shards}")
     weights = dict(reward_weights) if reward_weights is not None else {"tech": cfg.w_tech, "lang": cfg.w_lang}
+    if train.trainable == "lora" and not has_lora(model):
+        st.apply_lora(model, train.lora_rank, train.lora_alpha, train.seed, train.lora_targets)
     graphdef, params, frozen = st.split_model(model, train.trainable)
+    ref_graphdef = lora_reference(model, train.trainable, cfg.beta)
     source = RolloutSource(model, tokenizer, next_prompts, reward_fn, cfg, weights=weights, graphdef=graphdef,
                            frozen=frozen,
                            grad_accum=train.grad_accum, mesh=mesh, advantage_sign=advantage_sign,
                            max_seq_len=max_seq_len, prompt_bucket=prompt_bucket)
-    tx, step_fn = build_optimizer_step(graphdef, cfg, train, vocab=source.vocab, mesh=mesh)
+    tx, step_fn = build_optimizer_step(graphdef, cfg, train, vocab=source.vocab, mesh=mesh,
+                                       ref_graphdef=ref_graphdef)
     state = st.init_state(params, tx, train.seed, mesh)
     extra: dict[str, Any] = {"frozen": frozen}
-    if cfg.beta > 0:
+    if cfg.beta > 0 and ref_graphdef is None:
         # The reference is the initial policy; copied because the state's buffers get donated.
         extra["ref_params"] = jax.tree.map(jnp.copy, params)
     tracker = DiagnosticsTracker(cfg.diagnostics)

@@ -36,7 +36,7 @@ from jaxkd.ckpt import RunCheckpointer
 from jaxkd.config import ConfigError, GRPOConfig, RunConfig, to_dict
 from jaxkd.rl import rollout as ro
 from jaxkd.rl.diagnostics import CHECKS, DiagnosticsTracker
-from jaxkd.rl.loop import RolloutRecords, RolloutSource, build_optimizer_step
+from jaxkd.rl.loop import RolloutRecords, RolloutSource, build_optimizer_step, lora_reference
 from jaxkd.train import hooks as H
 from jaxkd.train import state as st
 from jaxkd.train.metrics import MetricsLogger
@@ -185,14 +185,15 @@ def run_grpo_stage(cfg: RunConfig, *, resume: bool = False, policy: Any = None, 
         f"{ {d: round(w, 3) for d, w in sampler.weights.items()} }")
 
     if tc.trainable == "lora":
-        model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed)
+        model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed, tc.lora_targets)
     graphdef, params, frozen = st.split_model(model, tc.trainable)
+    ref_graphdef = lora_reference(model, tc.trainable, g.beta)
     source = RolloutSource(model, tokenizer, lambda n: [prompts[i] for i in sampler.next_indices(n)],
                            make_reward_fn(g, judge), g, weights=reward_weights(g), graphdef=graphdef,
                            frozen=frozen, grad_accum=tc.grad_accum, mesh=mesh, max_seq_len=g.max_seq_len)
-    tx, step_fn = build_optimizer_step(graphdef, g, tc, vocab=source.vocab, mesh=mesh)
+    tx, step_fn = build_optimizer_step(graphdef, g, tc, vocab=source.vocab, mesh=mesh, ref_graphdef=ref_graphdef)
     extra: dict[str, Any] = {"frozen": frozen}
-    if g.beta > 0:
+    if g.beta > 0 and ref_graphdef is None:  # (LoRA: the base, adapters off, is the reference)
         # The reference is the initial policy (also on resume); a copy: the state's buffers are donated.
         extra["ref_params"] = jax.tree.map(jnp.copy, params)
     state = st.init_state(params, tx, tc.seed, mesh)
