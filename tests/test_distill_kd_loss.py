@@ -125,3 +125,23 @@ def test_eval_step_matches_per_row_reference():
         close(got["kl"][b], kl, LOSS_RTOL, f"kl row {b}")
         close(got["ce"][b], ce, LOSS_RTOL, f"ce row {b}")
         close(got["token_accuracy"][b], m["token_accuracy"], LOSS_RTOL, f"accuracy row {b}")
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_changes_nothing_but_memory(remat):
+    model = tiny_decoder(seed=7)
+    graphdef, params, frozen = st.split_model(model, "no_embed")
+    batch = K.with_loss_index(kd_like_batch(3))
+    kw = dict(graphdef=graphdef, dist=DistillConfig(alpha=0.5), vocab=TOKENIZER_VOCAB, chunk_size=64)
+
+    def vg(mode):
+        fn = lambda p: K.kd_loss(p, batch, {"frozen": frozen}, None, remat=mode, **kw)  # noqa: E731
+        return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+    (ref, _), ref_g = vg("none")
+    (got, _), g = vg(remat)
+    close(got, ref, LOSS_RTOL, "loss")
+    for gv, rv in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(ref_g)):
+        close(gv, rv, GRAD_RTOL, "grad")
+    with pytest.raises(ValueError, match="remat='some'; allowed"):
+        K.kd_loss(params, batch, {"frozen": frozen}, None, remat="some", **kw)

@@ -55,11 +55,11 @@ def student_logits(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
 
 
 def student_hidden(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
-                   batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+                   batch: Mapping[str, jax.Array], remat: str = "none") -> tuple[jax.Array, jax.Array]:
     """The student's final normed hidden states ``[B, T, D]`` (no lm-head) and its head weight."""
     model = nnx.merge(graphdef, params, frozen)
     h_btd, _ = model(batch["input_ids"], batch["positions"], segment_ids_bt=batch["segment_ids"],
-                     return_hidden=True)
+                     return_hidden=True, remat=remat)
     return h_btd, head_weight(model)
 
 
@@ -85,14 +85,15 @@ def _loss_rows(batch: Mapping[str, jax.Array], h_btd: jax.Array) -> tuple[jax.Ar
 
 def kd_loss(params: nnx.State, batch: Mapping[str, jax.Array], extra: Mapping[str, Any], rng: jax.Array,
             *, graphdef: nnx.GraphDef, dist: DistillConfig, vocab: int,
-            chunk_size: int = 2048) -> tuple[jax.Array, dict]:
+            chunk_size: int = 2048, remat: str = "none") -> tuple[jax.Array, dict]:
     """The trainer's ``loss_fn`` for KD: ``extra["frozen"]`` holds the non-trainable variables.
 
     ``kd_objective`` on the student's logits, computed by ``fused_kd_loss`` from the hidden
     states at the loss positions (``batch["loss_index"]``, see ``with_loss_index``; without it all
-    B x T positions) and the head weight, over vocabulary chunks: no ``[B, T, V]`` array."""
+    B x T positions) and the head weight, over vocabulary chunks: no ``[B, T, V]`` array.
+    ``remat``: the decoder's layer rematerialisation (``train.remat``)."""
     del rng  # deterministic objective
-    h_btd, w_vd = student_hidden(graphdef, params, extra["frozen"], batch)
+    h_btd, w_vd = student_hidden(graphdef, params, extra["frozen"], batch, remat)
     h_bcd, rows = _loss_rows(batch, h_btd)
     teacher = TopK(rows["topk_ids"], rows["topk_logprobs"]) if "topk_ids" in rows else None
     return fused_kd_loss(h_bcd, w_vd, rows["targets"], rows["loss_mask"], teacher_topk=teacher,
@@ -281,7 +282,8 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     tx = st.make_optimizer(tc)
     state = st.init_state(params, tx, tc.seed, mesh)
     log(f"trainable={tc.trainable}: {st.count(params):,} trainable / {st.count(frozen):,} frozen values")
-    step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab), tx,
+    step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab,
+                                                remat=tc.remat), tx,
                               clip_norm=tc.clip_norm, grad_accum=tc.grad_accum, mesh=mesh)
     eval_fn = make_eval_step(graphdef, vocab) if val_batches else None
 
