@@ -500,6 +500,9 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                      "down_proj")  # the projections that get adapters
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # activation rematerialisation per decoder layer (jaxkd.models.decoder.REMAT_POLICIES):
+    # "none" fastest; "dots" / "full" recompute parts / all of a layer in the backward pass
+    remat: Literal["none", "dots", "full"] = "none"
     seed: int = 0
     ckpt_every: int = 0         # 0: only at the end
     keep: int = 2

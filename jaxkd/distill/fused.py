@@ -59,6 +59,35 @@ def loss_capacity(mask_bt: Any, multiple: int = 64) -> int:
     return int(min(max(math.ceil(count / multiple), 1) * multiple, mask.size))
 
 
+def loss_positions(mask: Any, multiple: int = 32) -> np.ndarray:
+    """Per row, the indices of ``mask``'s loss positions (mask > 0) along its last axis, in order,
+    padded with -1: int32 ``[..., C]``, C = the largest row count rounded up to ``multiple`` (a
+    few compiled widths), at most T. Host-side (NumPy); leading axes (batch, micro-batch) are kept,
+    so the array splits over batch rows like every other batch array. ``gather_positions`` takes
+    the rows' loss positions with it before the lm-head."""
+    mask = np.asarray(mask)
+    if mask.ndim < 1 or mask.shape[-1] < 1:
+        raise ValueError(f"need a mask [..., T] with T >= 1, got shape {mask.shape}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    live = mask > 0
+    t = mask.shape[-1]
+    widest = int(live.sum(axis=-1).max()) if live.size else 0
+    c = min(max(math.ceil(widest / multiple), 1) * multiple, t)
+    # a stable sort puts the live positions first, in order; the rest become -1
+    order = np.argsort(~live, axis=-1, kind="stable")[..., :c].astype(np.int32)
+    taken = np.take_along_axis(live, order, axis=-1)
+    return np.where(taken, order, -1).astype(np.int32)
+
+
+def gather_positions(x_bt: Array, index_bc: Array) -> Array:
+    """``x_bt[b, index_bc[b, c]]`` for arrays ``[B, T, ...]``; -1 (padding) slots give row b's
+    position 0 (callers zero their mask with ``index_bc >= 0``)."""
+    idx = jnp.maximum(index_bc, 0).astype(jnp.int32)
+    idx = idx.reshape(idx.shape + (1,) * (x_bt.ndim - 2))
+    return jnp.take_along_axis(x_bt, idx, axis=1)
+
+
 def head_weight(model: Any) -> Array:
     """The ``[V, D]`` output projection of a ``Decoder``: ``lm_head.weight`` or, with tied
     embeddings, ``embed_tokens.weight`` (HF layout, rows = vocabulary)."""

@@ -2,7 +2,9 @@
 
 The student sees only its own prompt (no grounding) followed by the teacher's answer tokens; the
 loss (``kd_loss``) is ``kd_objective`` on the answer positions against the cached top-k teacher
-distribution. Batches come from the grain pipeline of ``jaxkd.data.loader.kd_dataset``, with
+distribution, computed by ``jaxkd.distill.fused.fused_kd_loss``: each batch carries its rows' loss
+positions (``with_loss_index``), only those hidden states reach the lm-head, and CE, the top-k KL
+and the tail bin share one chunked pass over the vocabulary (no ``[B, T, V]`` logits). Batches come from the grain pipeline of ``jaxkd.data.loader.kd_dataset``, with
 examples drawn by the domain-aware ``DomainSampler``; its state (draws + weights) is the data
 iterator's state and goes into every checkpoint, so ``--resume`` continues exactly.
 
@@ -18,6 +20,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,7 +28,8 @@ from jaxkd.ckpt import RunCheckpointer
 from jaxkd.config import DistillConfig, RunConfig
 from jaxkd.data.loader import kd_dataset, kd_eval_batches
 from jaxkd.distill.cache import KDExample, TeacherCache, kd_example, load_exported
-from jaxkd.distill.losses import TopK, align_vocab, cross_entropy, kd_objective, soft_kd_topk
+from jaxkd.distill.fused import fused_kd_loss, gather_positions, head_stats, head_weight, loss_positions
+from jaxkd.distill.losses import Divergence, TopK, _with_tail, align_vocab, divergence, kd_objective
 from jaxkd.distill.sampling import DomainSampler, gaps_to_weights, per_domain_mean
 from jaxkd.distill.teacher import answers_export_path, chat_ids, real_vocab_size, teacher_prompts
 from jaxkd.train import hooks as H
@@ -39,6 +43,9 @@ from jaxkd.train.trainer import Hook, make_mesh, make_param_norm, make_train_ste
 # Pure functions
 # --------------------------------------------------------------------------------------------
 
+# loss_index widths are rounded up to this: a few compiled step shapes, little padding
+LOSS_INDEX_MULTIPLE = 32
+
 
 def student_logits(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
                    batch: Mapping[str, jax.Array], vocab: int) -> jax.Array:
@@ -47,30 +54,86 @@ def student_logits(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
     return align_vocab(logits_btv, vocab)
 
 
+def student_hidden(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State,
+                   batch: Mapping[str, jax.Array], remat: str = "none") -> tuple[jax.Array, jax.Array]:
+    """The student's final normed hidden states ``[B, T, D]`` (no lm-head) and its head weight."""
+    model = nnx.merge(graphdef, params, frozen)
+    h_btd, _ = model(batch["input_ids"], batch["positions"], segment_ids_bt=batch["segment_ids"],
+                     return_hidden=True, remat=remat)
+    return h_btd, head_weight(model)
+
+
+def with_loss_index(batch: Mapping[str, np.ndarray], multiple: int = LOSS_INDEX_MULTIPLE) -> dict:
+    """``batch`` plus ``loss_index`` (``fused.loss_positions`` of its ``loss_mask``): the rows'
+    loss positions, so the step takes only those to the lm-head. Host-side, before the step."""
+    return {**batch, "loss_index": loss_positions(batch["loss_mask"], multiple)}
+
+
+def _loss_rows(batch: Mapping[str, jax.Array], h_btd: jax.Array) -> tuple[jax.Array, dict]:
+    """Hidden states and per-position batch arrays at the loss positions only (``loss_index``,
+    ``[B, C]``), or unchanged when the batch has no index. The prompt and padding (~45% of a KD
+    row) then never reach the lm-head."""
+    keys = ("targets", "loss_mask", "topk_ids", "topk_logprobs")
+    rows = {k: batch[k] for k in keys if k in batch}
+    if "loss_index" not in batch:
+        return h_btd, rows
+    idx = batch["loss_index"]
+    rows = {k: gather_positions(v, idx) for k, v in rows.items()}
+    rows["loss_mask"] = jnp.where(idx >= 0, rows["loss_mask"], 0)
+    return gather_positions(h_btd, idx), rows
+
+
 def kd_loss(params: nnx.State, batch: Mapping[str, jax.Array], extra: Mapping[str, Any], rng: jax.Array,
-            *, graphdef: nnx.GraphDef, dist: DistillConfig, vocab: int) -> tuple[jax.Array, dict]:
-    """The trainer's ``loss_fn`` for KD: ``extra["frozen"]`` holds the non-trainable variables."""
+            *, graphdef: nnx.GraphDef, dist: DistillConfig, vocab: int,
+            chunk_size: int = 2048, remat: str = "none") -> tuple[jax.Array, dict]:
+    """The trainer's ``loss_fn`` for KD: ``extra["frozen"]`` holds the non-trainable variables.
+
+    ``kd_objective`` on the student's logits, computed by ``fused_kd_loss`` from the hidden
+    states at the loss positions (``batch["loss_index"]``, see ``with_loss_index``; without it all
+    B x T positions) and the head weight, over vocabulary chunks: no ``[B, T, V]`` array.
+    ``remat``: the decoder's layer rematerialisation (``train.remat``)."""
     del rng  # deterministic objective
+    h_btd, w_vd = student_hidden(graphdef, params, extra["frozen"], batch, remat)
+    h_bcd, rows = _loss_rows(batch, h_btd)
+    teacher = TopK(rows["topk_ids"], rows["topk_logprobs"]) if "topk_ids" in rows else None
+    return fused_kd_loss(h_bcd, w_vd, rows["targets"], rows["loss_mask"], teacher_topk=teacher,
+                         alpha=dist.alpha, kind=dist.loss, temperature=dist.temperature, beta=dist.beta,
+                         vocab_size=vocab, chunk_size=chunk_size)
+
+
+def kd_loss_reference(params: nnx.State, batch: Mapping[str, jax.Array], extra: Mapping[str, Any],
+                      rng: jax.Array, *, graphdef: nnx.GraphDef, dist: DistillConfig,
+                      vocab: int) -> tuple[jax.Array, dict]:
+    """``kd_loss`` the plain way (full ``[B, T, V]`` logits, ``kd_objective``): the tests' reference."""
+    del rng
     logits_btv = student_logits(graphdef, params, extra["frozen"], batch, vocab)
     teacher = TopK(batch["topk_ids"], batch["topk_logprobs"]) if "topk_ids" in batch else None
     return kd_objective(logits_btv, batch["targets"], batch["loss_mask"], teacher_topk=teacher,
                         alpha=dist.alpha, kind=dist.loss, temperature=dist.temperature, beta=dist.beta)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, vocab: int) -> Callable:
-    """Per-example imitation metrics: forward KL to the teacher top-k (T=1) and CE, each ``[B]``."""
-
-    def row(logits_tv, targets_t, mask_t, ids_tk, lp_tk):
-        kl, _ = soft_kd_topk(logits_tv[None], TopK(ids_tk[None], lp_tk[None]), mask_t[None],
-                             kind="forward_kl", temperature=1.0)
-        ce, m = cross_entropy(logits_tv[None], targets_t[None], mask_t[None])
-        return kl, ce, m["token_accuracy"]
+def make_eval_step(graphdef: nnx.GraphDef, vocab: int, chunk_size: int = 2048) -> Callable:
+    """Per-example imitation metrics: forward KL to the teacher top-k (T=1) and CE, each ``[B]``
+    (and token accuracy), from the chunked head statistics: no ``[B, T, V]`` array either."""
 
     def evaluate(params, frozen, batch):
-        logits_btv = student_logits(graphdef, params, frozen, batch, vocab)
-        kl_b, ce_b, acc_b = jax.vmap(row)(logits_btv, batch["targets"], batch["loss_mask"],
-                                          batch["topk_ids"], batch["topk_logprobs"])
-        return {"kl": kl_b, "ce": ce_b, "token_accuracy": acc_b}
+        h_btd, w_vd = student_hidden(graphdef, params, frozen, batch)
+        b, t, d = h_btd.shape
+        k = batch["topk_ids"].shape[-1]
+        ids_nj = jnp.concatenate([batch["targets"][..., None], batch["topk_ids"]], axis=-1)
+        lse_n, _, sel_nj, arg_n = head_stats(h_btd.reshape(b * t, d), w_vd, ids_nj.reshape(b * t, k + 1),
+                                             vocab_size=vocab, chunk_size=chunk_size)
+        live_bt = batch["loss_mask"] > 0
+        count_b = jnp.maximum(live_bt.sum(axis=1), 1).astype(jnp.float32)
+
+        def row_mean(values_n):  # `where`: garbage (even NaN) at masked positions stays out
+            return jnp.where(live_bt, values_n.reshape(b, t), 0.0).sum(axis=1) / count_b
+
+        logq = _with_tail(sel_nj[:, 1:] - lse_n[:, None])
+        logp = _with_tail(batch["topk_logprobs"].reshape(b * t, k).astype(jnp.float32))
+        return {"kl": row_mean(divergence(logp, logq, Divergence.FORWARD_KL, 0.5)),
+                "ce": row_mean(lse_n - sel_nj[:, 0]),
+                "token_accuracy": row_mean((arg_n == ids_nj.reshape(b * t, k + 1)[:, 0]).astype(jnp.float32))}
 
     return jax.jit(evaluate)
 
@@ -219,7 +282,8 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     tx = st.make_optimizer(tc)
     state = st.init_state(params, tx, tc.seed, mesh)
     log(f"trainable={tc.trainable}: {st.count(params):,} trainable / {st.count(frozen):,} frozen values")
-    step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab), tx,
+    step_fn = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=dist, vocab=vocab,
+                                                remat=tc.remat), tx,
                               clip_norm=tc.clip_norm, grad_accum=tc.grad_accum, mesh=mesh)
     eval_fn = make_eval_step(graphdef, vocab) if val_batches else None
 
@@ -267,7 +331,10 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
                 logger.log(info.step, {k: float(v.mean()) for k, v in per_ex.items()}, prefix="val/")
         hooks.append(Hook(validate, every=tc.eval_every, name="val"))
 
-    source = data if batch_hook is None else (lambda step, _state: batch_hook(step, next(data)))
+    def source(step: int, _state: dict) -> dict:
+        batch = next(data) if batch_hook is None else batch_hook(step, next(data))
+        return with_loss_index(batch)
+
     t_loop = time.perf_counter()
     try:
         state = run_loop(step_fn, state, source=source, extra={"frozen": frozen}, start=start,
@@ -325,5 +392,6 @@ def write_summary(run_dir: Any, summary: Mapping[str, Any]) -> None:
             f"# KD run {run_dir.name}\n\nval: {summary['val']}\n\n" + markdown_table(summary["val_per_domain"]))
 
 
-__all__ = ["KDResult", "final_generation", "kd_loss", "load_kd_examples", "make_eval_step", "reweight_domains",
-           "run_kd", "student_logits", "trained_system_prompt", "write_summary"]
+__all__ = ["KDResult", "final_generation", "kd_loss", "kd_loss_reference", "load_kd_examples", "make_eval_step",
+           "reweight_domains", "run_kd", "student_hidden", "student_logits", "trained_system_prompt",
+           "with_loss_index", "write_summary"]

@@ -24,6 +24,14 @@ from jaxkd.models.kvcache import KVCache, init_cache  # noqa: F401 (re-exported:
 from jaxkd.models.layers import DecoderLayer, Embedder, LMHead, Projection, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
+# ``Decoder(..., remat=...)``: what each layer keeps for the backward pass (jax.checkpoint policy)
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
 class Decoder(nnx.Module):
     """Qwen2 / Llama causal LM. ``__call__`` returns float32 logits ``[B, T, V]`` and the new cache."""
 
@@ -46,7 +54,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, input_ids_bt: jax.Array, positions_bt: jax.Array, *, cache: KVCache | None = None,
                  segment_ids_bt: jax.Array | None = None, return_hidden: bool = False,
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 remat: str = "none") -> tuple[jax.Array, KVCache | None]:
         """Logits (or final normed hidden states with ``return_hidden``) and the updated cache.
 
         Without a cache, attention is causal within each segment (``segment_ids_bt``; 0 = padding,
@@ -55,7 +63,16 @@ class Decoder(nnx.Module):
         row's index then advances by its count of real tokens (segment id != 0, which must be a
         prefix of the row: right padding), so padding written past it is overwritten later and
         never attended to.
+
+        ``remat`` (training, no cache) trades compute for activation memory in the backward pass:
+        "none" keeps every layer's intermediates; "dots" keeps the projection matmul outputs and
+        recomputes norms, rotary, attention scores and the MLP activation; "full" keeps only
+        each layer's input and recomputes the layer.
         """
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; allowed: {sorted(REMAT_POLICIES)}")
+        if remat != "none" and cache is not None:
+            raise ValueError("remat is for training forward passes; it cannot be used with a KV cache")
         b, t = input_ids_bt.shape
         if segment_ids_bt is None:
             seg_bt = jnp.ones((b, t), jnp.int32)
@@ -78,7 +95,13 @@ class Decoder(nnx.Module):
         cos_bth, sin_bth = rope_cos_sin(positions_bt, self.inv_freq)
         x_btd = self.embed_tokens(input_ids_bt)
         new_k, new_v = [], []
+        if remat != "none":
+            run_layer = nnx.remat(lambda layer, x, cos, sin, mask: layer(x, cos, sin, mask)[0],
+                                  policy=REMAT_POLICIES[remat])
         for i, layer in enumerate(self.layers):
+            if remat != "none":
+                x_btd = run_layer(layer, x_btd, cos_bth, sin_bth, mask_bts)
+                continue
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x_btd, layer_kv = layer(x_btd, cos_bth, sin_bth, mask_bts, kv, write_index)
             if layer_kv is not None:
