@@ -21,7 +21,9 @@ Batching: a batch of (item, answer) requests costs one prefill of the shared con
 reference, question, answer) into a KV cache and one short pass per criterion over its suffix
 (``JudgeConfig.share_prefix``); without sharing, one forward pass over the full prompts per
 criterion. Both give the same numbers (tested); sharing prefills the long context once instead of
-once per criterion. Verdicts are cached by (judge weights fingerprint, rubric version, criterion,
+once per criterion. Rows are right-padded, as ``jaxkd.models.kvcache`` expects: row b's prefix
+fills cache slots from 0, its suffix is written from ``cache.index[b]`` (the prefix length) on, and
+scores are read at each row's last real positions. Verdicts are cached by (judge weights fingerprint, rubric version, criterion,
 prompt) with provenance (``VerdictCache``).
 """
 
@@ -362,14 +364,16 @@ class LLMJudge:
         if self.config.share_prefix:
             lp = _round_up(max(map(len, prefixes)), self.config.prompt_bucket)
             ls = _round_up(max(len(s) for row in suffixes for s in row), 16)
-            ids, pos, seg = self._left_pad(prefixes, lp, rows)
+            ids, pos, seg = self._right_pad(prefixes, lp, rows)
             cache = init_cache(self.model.cfg, rows, lp + ls, self.model.compute_dtype)
+            # the cache writes row b from slot 0 and leaves cache.index[b] = its prefix length
             cache = self._prefix(self.graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
-            # suffix positions continue each row's prefix (filler rows hold one token)
+            # each suffix continues its row's prefix: written from cache.index[b], positions from the
+            # prefix length on (filler rows hold one token)
             lengths = np.asarray([len(p) for p in prefixes] + [1] * (rows - b), np.int32)
             for ci in range(len(crits)):
-                sids, spos, sseg = self._left_pad([row[ci] for row in suffixes], ls, rows)
-                spos = np.where(sseg > 0, spos + lengths[:, None], 0).astype(np.int32)
+                sids, spos, sseg = self._right_pad([row[ci] for row in suffixes], ls, rows)
+                spos = (spos + lengths[:, None]).astype(np.int32)
                 logps.append(np.asarray(self._suffix(self.graphdef, params, cache, jnp.asarray(sids),
                                                      jnp.asarray(spos), jnp.asarray(sseg), jnp.asarray(self._ids))))
             self.stats["prompt_tokens"] += sum(map(len, prefixes)) + sum(len(s) for r in suffixes for s in r)
@@ -377,7 +381,7 @@ class LLMJudge:
             for ci in range(len(crits)):
                 full = [p + row[ci] for p, row in zip(prefixes, suffixes)]
                 lf = _round_up(max(map(len, full)), self.config.prompt_bucket)
-                ids, pos, seg = self._left_pad(full, lf, rows)
+                ids, pos, seg = self._right_pad(full, lf, rows)
                 logps.append(np.asarray(self._full(self.graphdef, params, jnp.asarray(ids), jnp.asarray(pos),
                                                    jnp.asarray(seg), jnp.asarray(self._ids))))
                 self.stats["prompt_tokens"] += sum(map(len, full))
@@ -394,26 +398,32 @@ class LLMJudge:
             masses.append(m)
         return dists, masses
 
-    def _left_pad(self, seqs: Sequence[Sequence[int]], length: int, rows: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _right_pad(self, seqs: Sequence[Sequence[int]], length: int, rows: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Right-padded ids, positions 0.. and segment ids (1 on real tokens) as the KV cache
+        expects them (a row's real tokens are a prefix of it); filler rows up to ``rows`` hold
+        one real token so that no row is all padding."""
         ids = np.full((rows, length), self.pad_id, np.int32)
-        pos = np.zeros((rows, length), np.int32)
+        pos = np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()
         seg = np.zeros((rows, length), np.int32)
         for i, s in enumerate(seqs):
             if len(s) > length:
                 raise ValueError(f"judge prompt of {len(s)} tokens exceeds the padded length {length}")
-            ids[i, length - len(s):] = s
-            pos[i, length - len(s):] = np.arange(len(s))
-            seg[i, length - len(s):] = 1
-        for i in range(len(seqs), rows):   # filler rows: one real token so no row is all padding
-            ids[i, -1], seg[i, -1] = self.pad_id, 1
+            ids[i, :len(s)] = s
+            seg[i, :len(s)] = 1
+        seg[len(seqs):, 0] = 1
         return ids, pos, seg
 
 
-def _score_logp(model: Any, h_b2d: Any, ids: Any) -> Any:
-    """log-softmax over the full vocabulary at the last two positions, gathered at the score ids."""
+def _score_logp(model: Any, h_btd: Any, seg_bt: Any, ids: Any) -> Any:
+    """log-softmax over the full vocabulary at each row's last two real positions (right padding:
+    the real tokens are the first ``sum(seg != 0)``), gathered at the score ids: ``[B, 2, n]``."""
     import jax
+    import jax.numpy as jnp
 
+    last_b = jnp.sum(seg_bt != 0, axis=1) - 1
+    at_b2 = jnp.maximum(last_b[:, None] + jnp.arange(-1, 1)[None], 0)
+    h_b2d = jnp.take_along_axis(h_btd, at_b2[:, :, None], axis=1)
     logp = jax.nn.log_softmax(model.logits_from_hidden(h_b2d).astype("float32"), axis=-1)
     return logp[..., ids]
 
@@ -423,7 +433,7 @@ def _full_fn(graphdef: Any, params: Any, ids: Any, pos: Any, seg: Any, score_ids
 
     model = nnx.merge(graphdef, params)
     h, _ = model(ids, pos, segment_ids_bt=seg, return_hidden=True)
-    return _score_logp(model, h[:, -2:], score_ids)
+    return _score_logp(model, h, seg, score_ids)
 
 
 def _prefix_fn(graphdef: Any, params: Any, cache: Any, ids: Any, pos: Any, seg: Any) -> Any:
@@ -439,7 +449,7 @@ def _suffix_fn(graphdef: Any, params: Any, cache: Any, ids: Any, pos: Any, seg: 
 
     model = nnx.merge(graphdef, params)
     h, _ = model(ids, pos, cache=cache, segment_ids_bt=seg, return_hidden=True)
-    return _score_logp(model, h[:, -2:], score_ids)
+    return _score_logp(model, h, seg, score_ids)
 
 
 def load_judge(model: str | None = None, *, config: JudgeConfig | None = None,
