@@ -141,6 +141,13 @@ def test_injected_answers_get_zero_or_are_judged_stripped(tiny):
                                                                       injection="strip"))
     s = strip.score([ITEM] * 2, [plain, injected], [Criterion.TECHNICAL])[Criterion.TECHNICAL]
     assert s.flagged.tolist() == [False, True] and s.score[1] == pytest.approx(s.score[0], rel=1e-5)
+    # the GRPO reward goes through the same judge: the injected answer's judge terms are 0
+    from jaxkd.rewards import combined_rewards
+
+    r = combined_rewards([ITEM] * 2, [plain, injected], judge=zero)
+    assert r.components["judge_flagged"].tolist() == [0.0, 1.0]
+    assert r.components["judge_technical"][1] == 0 and r.components["judge_language"][1] == 0
+    assert r.reward[1] < r.reward[0]
 
 
 def test_judge_errors_are_clear(tiny):
