@@ -713,9 +713,11 @@ class JudgeConfig:
     # "off" = judged as written (to measure the judge model's own robustness)
     injection: str = "zero"
     # per reference step, a yes/no probe "does the answer contain this step?"; each listed
-    # criterion's score = (1 - step_weight) * rubric expectation + step_weight * max * mean P(yes)
+    # criterion's score = (1 - step_weight) * rubric expectation + step_weight * max * mean P(yes).
+    # Technical is listed because its rubric's upper anchors are the reference's key actions
+    # ("10 = ... the reference's key actions; 7 = correct but misses some key actions").
     step_weight: float = 0.5
-    step_criteria: tuple[str, ...] = ("completeness",)
+    step_criteria: tuple[str, ...] = ("technical", "completeness")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_answer_tokens", "prompt_bucket"):

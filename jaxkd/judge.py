@@ -25,12 +25,16 @@ report measures it), so it is handled by rule (``JudgeConfig.injection``): "zero
 forward pass; "strip" judges it with those sentences removed; "off" judges it as written. Every
 ``Verdicts`` carries the ``flagged`` mask.
 
-Step probes (``JudgeConfig.step_criteria``, completeness by default): a 0-10 rubric score read from
-one token is coarse, and small judges barely move it when one step is missing. So, per reference
+Step probes (``JudgeConfig.step_criteria``: completeness, and technical, whose rubric anchors are
+the reference's key actions): a 0-10 rubric score read from one token is coarse, and small judges
+barely move it when one step is missing (calibration report). So, per reference
 step, the judge is also asked "does the answer tell the user to do this step?" and P(yes) is read
 from its first reply token (P(yes) / (P(yes) + P(no)), first tokens of "Yes"/"yes" vs "No"/"no").
 The criterion's score is ``(1 - w) * E[rubric score] + w * max * mean_steps P(yes)``: still an
 expectation (of the same mix of the rubric score and the number of steps present), in [0, max].
+The probes are asked once per answer and shared by every step-probed criterion. The price for
+technical: an answer that has the steps but adds a wrong or unsafe one keeps the probe half, so
+only the rubric half (and the reward's rule-based unsafe penalty) marks it down.
 
 Batching: a batch of (item, answer) requests costs one prefill of the shared context (system,
 reference, question, answer) into a KV cache and one short pass per criterion and per step probe

@@ -135,7 +135,7 @@ def test_calibration_pairs_and_report(tmp_path):
     class GuardedJudge(WinnerJudge):
         """The oracle, with step probes on completeness (winner 1, loser 0) and the guard's flags."""
         model_name = "guarded"
-        config = JudgeConfig(injection="zero")
+        config = JudgeConfig(injection="zero", step_criteria=("completeness",))
 
         def score(self, items, answers, criteria, label=""):
             out = super().score(items, answers, criteria, label)

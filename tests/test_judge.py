@@ -69,8 +69,9 @@ def test_prompt_delimits_the_answer_and_neutralises_escapes(tiny):
 
 def test_scores_are_expectations_equal_to_a_hand_computation(tiny, tmp_path):
     model, tok = tiny
-    # the mechanics of the model's scores, so every answer (the injected one too) reaches the model
-    cfg = JudgeConfig(batch_size=4, prompt_bucket=64, injection="off")
+    # the mechanics of the model's scores, so every answer (the injected one too) reaches the model;
+    # technical as a pure rubric score, completeness mixed with the step probes
+    cfg = JudgeConfig(batch_size=4, prompt_bucket=64, injection="off", step_criteria=("completeness",))
     judge = LLMJudge(model, tok, fingerprint="tiny-seed0", config=cfg, cache=VerdictCache(tmp_path / "v.jsonl"))
     out = judge.score([ITEM] * 3, ANSWERS)
     assert set(out) == set(Criterion)
@@ -111,7 +112,8 @@ def test_scores_are_expectations_equal_to_a_hand_computation(tiny, tmp_path):
     assert out[Criterion.TECHNICAL].steps is None and not out[Criterion.TECHNICAL].flagged.any()
     # the shared-prefix path equals one full forward pass per criterion and probe
     full = LLMJudge(model, tok, fingerprint="tiny-seed0", config=JudgeConfig(batch_size=4, prompt_bucket=64,
-                                                                               share_prefix=False, injection="off"))
+                                                                               share_prefix=False, injection="off",
+                                                                               step_criteria=("completeness",)))
     again = full.score([ITEM] * 3, ANSWERS, [Criterion.TECHNICAL, Criterion.LANGUAGE, Criterion.COMPLETENESS])
     for c in again:
         np.testing.assert_allclose(again[c].score, out[c].score, rtol=1e-4)
