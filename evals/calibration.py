@@ -136,7 +136,8 @@ def run_calibration(judge: Any | None, *, per_category: int = 0, categories: Seq
         cfg = getattr(llm, "config", None)
         # one entry per (judge, rubric version): earlier rubrics stay in the report as the baseline
         for k in [k for k in data["judges"] if " @ " not in k]:
-            data["judges"][f"{k} @ {data['judges'][k]['rubric']}"] = data["judges"].pop(k)
+            entry = data["judges"].pop(k)
+            data["judges"][f"{k} @ {entry['rubric']}"] = entry
         data["judges"][f"{judge.model_name} @ {RUBRIC_VERSION}"] = {
             "n_pairs": len(pairs), "per_category": per_category, "rubric": RUBRIC_VERSION,
             "injection": getattr(cfg, "injection", None), "step_weight": getattr(cfg, "step_weight", None),
@@ -175,7 +176,7 @@ def write_report(results_dir: Path = RESULTS) -> Path:
          "(`jaxkd.judge`, rubric `" + RUBRIC_VERSION + "`).", ""]
     for name, j in data.get("judges", {}).items():
         crit = [c.value for c in Criterion]
-        parts = [k for k in next(iter(j["agreement"].values())) if k not in crit]  # e.g. completeness_steps
+        parts = list(dict.fromkeys(k for row in j["agreement"].values() for k in row if k not in crit))  # x_steps
         cols = crit + parts
         head = {c: f"{c} (0-{CRITERIA[Criterion(c)].max_score})" for c in crit}
         head.update({k: k.replace("_rubric", ": rubric part").replace("_steps", ": step probes x 10")
@@ -190,7 +191,11 @@ def write_report(results_dir: Path = RESULTS) -> Path:
         L += [f"## Judge `{name}` ({j['n_pairs']} pairs"
               + (f", first {j['per_category']} per category" if j.get("per_category") else "") + ")", "",
               f"Command: `{j['command']}`; {j['date']} on {j['machine']}; {j['wall_s']:.0f} s for "
-              f"{2 * j['n_pairs']} answers x 4 criteria (load excluded)." + setup + " Mean valid score-token mass"
+              f"{2 * j['n_pairs']} answers x 4 criteria (load excluded"
+              + (f"; {j['forward_stats']['forward_s']:.0f} s of it in forward passes, "
+                 f"{j['forward_stats']['requests']} criterion requests"
+                 + (f" and {j['forward_stats']['step_probes']} step probes" if "step_probes" in j["forward_stats"] else "")
+                 + " computed, the rest from the verdict cache" if j.get("forward_stats") else "") + ")." + setup + " Mean valid score-token mass"
               + (" (answers the judge model read)" if flag else "") + ": "
               + ", ".join(f"{c} {j['valid_mass_mean'][c]:.3f}" for c in crit if c in j["valid_mass_mean"]) + ".",
               *([""] + flag_line if flag_line else []), "",

@@ -120,7 +120,12 @@ def test_calibration_pairs_and_report(tmp_path):
                                 CRITERIA[c].max_score / 10, np.ones(len(answers)), np.zeros((len(answers), 1)))
                     for c in map(Criterion, criteria)}
 
+    # an entry of an older run (keyed by model name only) is kept, under "<model> @ <its rubric>"
+    legacy = {"n_pairs": 0, "per_category": 0, "rubric": "v2-old", "agreement": {}, "valid_mass_mean": {},
+              "wall_s": 1.0, "command": "python -m evals.judge --calibrate", "date": "d", "machine": "m"}
+    (tmp_path / "judge_calibration.json").write_text(json.dumps({"judges": {"old-judge": legacy}}))
     out = C.run_calibration(WinnerJudge(), per_category=1, results_dir=tmp_path)
+    assert json.loads((tmp_path / "judge_calibration.json").read_text())["judges"]["old-judge @ v2-old"] == legacy
     data = json.loads((tmp_path / "judge_calibration.json").read_text())
     from jaxkd.judge import RUBRIC_VERSION
 
