@@ -9,8 +9,11 @@ question and the answer between delimiters, and scores four criteria as expectat
 score-token distribution: technical accuracy 0-10, completeness 0-10, practical utility 0-10,
 language quality 0-5. Per item, ``kd_domain_<tag>.json`` gains ``judge`` (technical / 10, the
 column the reports have always shown), ``judge_acc`` (technical >= ``PASS_SCORE``),
-``judge_completeness`` / ``judge_utility`` (/ 10), ``judge_language`` (/ 5) and ``judge_mass``
-(the probability the judge put on valid score tokens, lowest over the criteria).
+``judge_completeness`` / ``judge_utility`` (/ 10), ``judge_language`` (/ 5), ``judge_mass``
+(the probability the judge put on valid score tokens, lowest over the criteria) and
+``judge_flagged`` (the injection guard caught text addressed to the grader: 0 on every criterion
+under the default ``--injection zero``). Completeness mixes the rubric score with per-reference-step
+yes/no probes (``--step-weight``; see ``jaxkd.judge``).
 
 Default judge: ``JudgeConfig().model`` (the 1.5B preset) unless it is one of the models under
 test and another preset is available (``pick_judge``); the choice is printed and stored.
@@ -101,6 +104,9 @@ def summarise_verdicts(v: Mapping[Criterion, Verdicts]) -> dict[str, Any]:
         out[name] = {"mean": mean, "ci95": [lo, hi], "n": int(np.isfinite(vals).sum())}
     mass = np.min([x.mass for x in v.values()], axis=0)
     out["judge_mass"] = {"mean": float(np.mean(mass)), "min": float(np.min(mass))}
+    flagged = getattr(v[Criterion.TECHNICAL], "flagged", None)
+    if flagged is not None:  # answers the injection guard caught (scored 0 under policy "zero")
+        out["judge_flagged"] = {"n": int(np.sum(flagged)), "share": float(np.mean(flagged))}
     out["judge_spread"] = {"std": float(np.std(tech)), "p10": float(np.quantile(tech, 0.1)),
                            "p50": float(np.median(tech)), "p90": float(np.quantile(tech, 0.9)),
                            "distinct_0.1": int(len(np.unique(np.round(tech, 1))))}
@@ -127,10 +133,14 @@ def judge_tag(judge: Judge, tag: str, items_by_id: Mapping[str, Mapping], result
         for c in (Criterion.COMPLETENESS, Criterion.UTILITY, Criterion.LANGUAGE):
             row[f"judge_{c.value}"] = float(v[c].normalised[k])
         row["judge_mass"] = float(mass[k])
+        if v[Criterion.TECHNICAL].flagged is not None:
+            row["judge_flagged"] = bool(v[Criterion.TECHNICAL].flagged[k])
     for stale in ("judge_unparsed",):
         res["summary"].pop(stale, None)
     res["summary"].update(summarise_verdicts(v))
     res["judge"] = {"model": judge.model_name, "rubric": RUBRIC_VERSION, "pass_score": PASS_SCORE,
+                    "injection": judge.config.injection, "step_weight": judge.config.step_weight,
+                    "step_criteria": list(judge.config.step_criteria),
                     "criteria": {c.value: CRITERIA[c].max_score for c in v}}
     path.write_text(json.dumps(res, indent=1, default=float))
     return res["summary"]
@@ -178,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", default="configs/cpu_default.yaml",
                    help="run config whose distilled records the *_seen tags ask about")
     p.add_argument("--batch-size", type=int, default=JudgeConfig().batch_size)
+    p.add_argument("--injection", choices=("zero", "strip", "off"), default=JudgeConfig().injection,
+                   help="answers that address the grader: 0 on every criterion, judged stripped, or as written")
+    p.add_argument("--step-weight", type=float, default=JudgeConfig().step_weight,
+                   help="weight of the per-reference-step probes in completeness (0 = rubric score only)")
     args = p.parse_args(argv)
     if not args.tags and not args.sanity and not args.calibrate:
         p.error("give --tags, --sanity and/or --calibrate")
@@ -185,7 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          for t in args.tags if (RESULTS / f"kd_domain_{t}.json").exists()})
     name, note = pick_judge(under_test, args.judge)
     print(f"judge: {name}" + (f" ({note})" if note else ""))
-    judge = Judge(name, config=JudgeConfig(model=name, batch_size=args.batch_size))
+    judge = Judge(name, config=JudgeConfig(model=name, batch_size=args.batch_size, injection=args.injection,
+                                           step_weight=args.step_weight))
     if args.tags:
         items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
         by_id = {it["id"]: it for it in items}

@@ -754,7 +754,8 @@ JUDGE_CRITERIA = ("technical", "completeness", "utility", "language")
 
 @_frozen
 class JudgeConfig:
-    """The LLM judge: which model, how requests are batched, how long an answer may be."""
+    """The LLM judge: which model, how requests are batched, how long an answer may be, how
+    injected text is handled and how much the per-step probes count (``jaxkd.judge``)."""
 
     model: str = "qwen2.5-coder-1.5b-instruct"  # any preset, .gguf, HF dir or run dir
     batch_size: int = 8            # (item, answer) requests per forward pass
@@ -762,11 +763,29 @@ class JudgeConfig:
     share_prefix: bool = True      # prefill the shared context once, then one pass per criterion
     pad_batch: bool = True         # pad the last batch to batch_size (one compiled shape)
     prompt_bucket: int = 128       # prompt lengths are padded to a multiple of this
+    # answers with text addressed to the grader (jaxkd.judge_guard): "zero" = 0 on every criterion
+    # (the rubric's rule, no forward pass), "strip" = judged without the flagged sentences,
+    # "off" = judged as written (to measure the judge model's own robustness)
+    injection: str = "zero"
+    # per reference step, a yes/no probe "does the answer contain this step?"; each listed
+    # criterion's score = (1 - step_weight) * rubric expectation + step_weight * max * mean P(yes).
+    # Technical is listed because its rubric's upper anchors are the reference's key actions
+    # ("10 = ... the reference's key actions; 7 = correct but misses some key actions").
+    step_weight: float = 0.5
+    step_criteria: tuple[str, ...] = ("technical", "completeness")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_answer_tokens", "prompt_bucket"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"judge.{name} must be > 0, got {getattr(self, name)}")
+        if self.injection not in ("zero", "strip", "off"):
+            raise ConfigError(f"judge.injection must be one of zero, strip, off; got {self.injection!r}")
+        if not 0.0 <= self.step_weight <= 1.0:
+            raise ConfigError(f"judge.step_weight must be in [0, 1], got {self.step_weight}")
+        known = ("technical", "completeness", "utility", "language")
+        bad = [c for c in self.step_criteria if c not in known]
+        if bad:
+            raise ConfigError(f"judge.step_criteria: unknown criteria {bad}; known: {list(known)}")
 
 
 @_frozen

@@ -15,6 +15,7 @@ import pytest
 from evals import ablation as A
 from evals import judge as J
 from evals.domain import GenerationCache, score_answers, summarise
+from jaxkd.config import JudgeConfig
 from jaxkd.judge import CRITERIA, Criterion, Verdicts
 
 STEPS = ["Put both earbuds back in the charging case and close the lid for 15 seconds.",
@@ -119,14 +120,46 @@ def test_calibration_pairs_and_report(tmp_path):
                                 CRITERIA[c].max_score / 10, np.ones(len(answers)), np.zeros((len(answers), 1)))
                     for c in map(Criterion, criteria)}
 
+    # an entry of an older run (keyed by model name only) is kept, under "<model> @ <its rubric>"
+    legacy = {"n_pairs": 0, "per_category": 0, "rubric": "v2-old", "agreement": {}, "valid_mass_mean": {},
+              "wall_s": 1.0, "command": "python -m evals.judge --calibrate", "date": "d", "machine": "m"}
+    (tmp_path / "judge_calibration.json").write_text(json.dumps({"judges": {"old-judge": legacy}}))
     out = C.run_calibration(WinnerJudge(), per_category=1, results_dir=tmp_path)
+    assert json.loads((tmp_path / "judge_calibration.json").read_text())["judges"]["old-judge @ v2-old"] == legacy
     data = json.loads((tmp_path / "judge_calibration.json").read_text())
-    agree = data["judges"]["oracle"]["agreement"]
+    from jaxkd.judge import RUBRIC_VERSION
+
+    agree = data["judges"][f"oracle @ {RUBRIC_VERSION}"]["agreement"]
     assert all(agree[c][k]["agree"] == 1.0 for c in C.CATEGORIES for k in agree[c])
     assert agree["plain_vs_injected"]["technical"]["not_raised"] == 1.0
     assert data["rules"]["agreement"]["complete_vs_missing_step"]["steps"]["agree"] == 1.0
     text = out.read_text()
-    assert "## Judge `oracle`" in text and "| complete_vs_missing_step | completeness 1.00 (margin +5.00) |" in text
+    assert f"## Judge `oracle @ {RUBRIC_VERSION}`" in text
+    assert "Injection guard: flagged" not in text.split("## Judge `oracle")[1].split("##")[0]
+
+    class GuardedJudge(WinnerJudge):
+        """The oracle, with step probes on completeness (winner 1, loser 0) and the guard's flags."""
+        model_name = "guarded"
+        config = JudgeConfig(injection="zero", step_criteria=("completeness",))
+
+        def score(self, items, answers, criteria, label=""):
+            out = super().score(items, answers, criteria, label)
+            win = np.asarray([a in self.winners for a in answers], float)
+            flagged = np.asarray(["Ignore" in a or "grader" in a.lower() for a in answers])
+            for c, v in out.items():
+                v.flagged = flagged
+                if c == Criterion.COMPLETENESS:
+                    v.steps = win
+            return out
+
+    guarded = GuardedJudge()
+    guarded._judge = guarded  # where run_calibration looks for the LLMJudge's config and stats
+    text = C.run_calibration(guarded, per_category=1, results_dir=tmp_path).read_text()
+    j = json.loads((tmp_path / "judge_calibration.json").read_text())["judges"][f"guarded @ {RUBRIC_VERSION}"]
+    assert j["injection"] == "zero" and j["step_criteria"] == ["completeness"]
+    assert j["agreement"]["complete_vs_missing_step"]["completeness_steps"]["agree"] == 1.0
+    assert j["flagged"]["n_injected"] == 1 and j["flagged"]["n_other"] == 7
+    assert "completeness: step probes x 10" in text and "Injection guard: flagged" in text and "| complete_vs_missing_step | completeness 1.00 (margin +5.00) |" in text
 
 
 def test_grounding_ablation_report(tmp_path):

@@ -84,7 +84,8 @@ class RewardBreakdown:
     """Per-answer rewards ``[N]`` and every component they were built from (for logging).
 
     ``components`` keys: ``judge_<criterion>`` (0-1, criterion score / max) and
-    ``judge_<criterion>_mass`` when the judge ran; ``rule`` (mean of required and steps, 0-1);
+    ``judge_<criterion>_mass`` when the judge ran (and ``judge_flagged``, 0/1, when the judge
+    reports which answers addressed the grader); ``rule`` (mean of required and steps, 0-1);
     the rule scores ``required``, ``steps``, ``actionable``, ``numbered``, ``repetition``,
     ``spelling``, ``language`` (0-1) and ``unsafe`` (0/1).
     """
@@ -138,6 +139,9 @@ def combined_rewards(items: Sequence[Mapping[str, Any] | ItemView], answers: Seq
         for c in crits:
             comp[f"judge_{c}"] = np.asarray(verdicts[c].normalised, np.float64)
             comp[f"judge_{c}_mass"] = np.asarray(verdicts[c].mass, np.float64)
+        flagged = getattr(verdicts[crits[0]], "flagged", None)
+        if flagged is not None:  # answers that addressed the grader (jaxkd.judge_guard): judge scores 0
+            comp["judge_flagged"] = np.asarray(flagged, np.float64)
         j_tech = np.mean([comp[f"judge_{c}"] for c in cfg.tech_criteria], axis=0)
         j_lang = comp["judge_language"]
         jw = 1.0
