@@ -202,6 +202,17 @@ class BatchedStreams:
                 self._admit_waiting(head)
                 if self.active_rows():
                     self._step()
+        # Closed: whoever is still waiting or decoding hears so instead of waiting forever.
+        stopped = RuntimeError("the model server is shutting down; ask again after the restart")
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._finish(row.req, "error", stopped)
+                self._rows[slot] = None
+        while True:
+            try:
+                self._finish(self._inbox.get_nowait(), "error", stopped)
+            except queue.Empty:
+                return
 
     def _admit_waiting(self, head: Request | None) -> None:
         """Give free rows to waiting requests, in arrival order (``head`` first)."""
