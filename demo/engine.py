@@ -1,16 +1,17 @@
 """Answer engines: the model side of the demo behind one small protocol.
 
-``AnswerEngine.stream(question, device=...)`` yields text deltas. ``JaxkdEngine`` serves the student
-through jaxkd's Flax generation (KV cache, compiled once at start-up by ``warmup``);
-``ScriptedEngine`` streams canned numbered steps so the web, STT and limit code can be developed
-and load-tested without loading weights.
+``AnswerEngine.stream(question, device=...)`` yields text deltas and may be called from up to
+``max_batch`` threads at once. ``JaxkdEngine`` serves the student through jaxkd's Flax generation:
+concurrent questions share one decode batch (``demo.batching``, compiled at start-up by
+``warmup``); ``ScriptedEngine`` streams canned numbered steps so the web, STT and limit code can be
+developed and load-tested without loading weights.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from demo.settings import EngineConfig
 
@@ -24,8 +25,9 @@ DEVICE_NAMES = {
 
 @runtime_checkable
 class AnswerEngine(Protocol):
-    name: str      # the model it serves, for people
-    source: str    # where that model came from
+    name: str       # the model it serves, for people
+    source: str     # where that model came from
+    max_batch: int  # questions it answers at once (the demo's queue runs this many streams)
 
     def warmup(self) -> float:
         """Compile / load everything a first question needs; returns seconds spent."""
@@ -58,13 +60,14 @@ def as_numbered_markdown(text: str) -> str:
 
 
 class ScriptedEngine:
-    """No model: streams a fixed numbered answer word by word (tests, UI and load work)."""
+    """No model: streams a fixed numbered answer word by word (tests, UI and load work); any
+    number of streams run at once, each sleeping between its words."""
 
     name = "scripted"
     source = "canned answers (no model)"
 
-    def __init__(self, token_delay_s: float = 0.02) -> None:
-        self.token_delay_s = token_delay_s
+    def __init__(self, token_delay_s: float = 0.02, max_batch: int = 4) -> None:
+        self.token_delay_s, self.max_batch = token_delay_s, max_batch
 
     def warmup(self) -> float:
         return 0.0
@@ -94,43 +97,50 @@ def resolve_model(cfg: EngineConfig) -> str:
 
 
 class JaxkdEngine:
-    """The student served with jaxkd's KV-cache generator; one instance, one caller at a time
-    (the demo's ``GenerationQueue`` guarantees that). Loaded through ``jaxkd.serving.load_model``:
-    a trained run brings its weights, chat template and the system prompt it was trained with."""
+    """The student served with jaxkd's KV cache: up to ``cfg.max_batch`` questions decode in one
+    shared batch (``demo.batching.BatchedStreams``), each streaming its own answer; ``stream`` is
+    safe to call from that many threads. Loaded through ``jaxkd.serving.load_model`` (or given
+    ``loaded``, anything with its fields): a trained run brings its weights, chat template and the
+    system prompt it was trained with."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
-        from jaxkd.models.generate import Generator
+    def __init__(self, cfg: EngineConfig, loaded: Any = None) -> None:
+        from demo.batching import BatchedStreams
+        from jaxkd.models.generate import Generator, chat_ids
         from jaxkd.serving import load_model
+
+        self._chat_ids = chat_ids
 
         self.cfg = cfg
         t0 = time.perf_counter()
-        loaded = load_model(resolve_model(cfg))
+        loaded = load_model(resolve_model(cfg)) if loaded is None else loaded
         self.load_seconds = time.perf_counter() - t0
         self.name = loaded.name          # what /health and the start-up line report
         self.source = loaded.source      # where the weights came from (a run's checkpoint step, ...)
         self.system_prompt = loaded.system_prompt if cfg.system_prompt is None else cfg.system_prompt
         self.generator = Generator(loaded.model, loaded.tokenizer, max_seq_len=cfg.max_seq_len,
                                    prompt_bucket=cfg.prompt_bucket)
+        self.max_batch = cfg.max_batch
+        self.batch = BatchedStreams(self.generator, cfg.sampling, cfg.max_batch)
 
     def messages(self, question: str, device: str | None) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + [{"role": "user", "content": user_message(question, device)}]
 
+    def prompt_ids(self, question: str, device: str | None) -> list[int]:
+        return self._chat_ids(self.generator.tokenizer, self.messages(question, device))
+
     def warmup(self) -> float:
-        """Compile prefill + decode for the prompt lengths questions actually have: a short and a
-        longest-allowed question (their padded lengths fall in the first two prompt buckets)."""
+        """Compile prefill + admission for the prompt lengths questions actually have (a short and
+        a longest-allowed question: the first two prompt buckets) and the one batched decode step."""
         t0 = time.perf_counter()
-        self.generator.warmup(self.cfg.sampling)
-        for question in WARMUP_QUESTIONS:
-            stream = self.stream(question)
-            for i, _ in enumerate(stream):
-                if i >= 1:  # prefill and one decode step ran: both are compiled
-                    break
-            stream.close()
+        self.batch.warmup([self.prompt_ids(q, None) for q in WARMUP_QUESTIONS])
         return time.perf_counter() - t0
 
     def stream(self, question: str, *, device: str | None = None) -> Iterator[str]:
-        yield from self.generator.stream_chat(self.messages(question, device), self.cfg.sampling)
+        yield from self.batch.stream_ids(self.prompt_ids(question, device))
+
+    def close(self) -> None:
+        self.batch.close()
 
 
 WARMUP_QUESTIONS = (
@@ -143,5 +153,5 @@ WARMUP_QUESTIONS = (
 
 def build_engine(cfg: EngineConfig) -> AnswerEngine:
     if cfg.kind == "scripted":
-        return ScriptedEngine(cfg.scripted_token_delay_s)
+        return ScriptedEngine(cfg.scripted_token_delay_s, cfg.max_batch)
     return JaxkdEngine(cfg)

@@ -1,10 +1,11 @@
 """Overload protection: per-client rate limits and the bounded generation queue.
 
 ``ClientLimiter`` counts requests per client with the ``limits`` library (moving window, in
-memory). ``GenerationQueue`` owns the one model: one worker thread runs one answer at a time,
-at most ``queue_size`` more wait, and anything beyond that is refused at once with
-"busy, retry in N s" (N from the measured answer time). Every accepted job ends with exactly one
-``done`` or ``error`` item, so no request is dropped silently.
+memory). ``GenerationQueue`` owns the one model: ``engine.max_batch`` worker threads run that
+many answers at once (the engine decodes them in one shared batch), at most ``queue_size`` more
+wait, and anything beyond that is refused at once with "busy, retry in N s" (N from the measured
+answer time). Every accepted job ends with exactly one ``done`` or ``error`` item, so no request
+is dropped silently.
 """
 
 from __future__ import annotations
@@ -111,32 +112,38 @@ class Job:
 
 
 class GenerationQueue:
-    """One worker, one model, ``queue_size`` waiting places; beyond that: busy, retry in N s."""
+    """``engine.max_batch`` answers running, ``queue_size`` waiting places; beyond that: busy,
+    retry in N s. Jobs start in arrival order as running ones finish."""
 
     def __init__(self, engine: AnswerEngine, cfg: LimitsConfig) -> None:
         self.engine, self.cfg = engine, cfg
+        self.max_running = max(1, int(getattr(engine, "max_batch", 1)))
         self._pending: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
-        self._running: Job | None = None
+        self._running: dict[int, Job] = {}  # by job id
         self._ids = itertools.count(1)
         self.answer_seconds = cfg.answer_seconds_estimate  # moving estimate
         self.stats = {"accepted": 0, "completed": 0, "failed": 0, "cancelled": 0, "rejected_busy": 0}
-        self._worker = threading.Thread(target=self._run, name="generation-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._run, name=f"generation-worker-{i}", daemon=True)
+                         for i in range(self.max_running)]
+        for worker in self._workers:
+            worker.start()
 
     def retry_after(self) -> float:
-        """Seconds until a waiting place frees up: the rest of the running answer."""
+        """Seconds until a place frees up: the rest of the running answer closest to its end."""
         with self._lock:
-            running = self._running
-        elapsed = time.perf_counter() - running.started if running and running.started else 0.0
+            started = [j.started for j in self._running.values() if j.started]
+        elapsed = time.perf_counter() - min(started) if started else 0.0
         return max(1.0, self.answer_seconds - elapsed)
 
     def submit(self, question: str, device: str | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Job:
         """Queue a question or raise ``DemoError('busy')`` at once when the queue is full."""
         with self._lock:
-            full = self._waiting >= self.cfg.queue_size and self._running is not None
+            # Counted together: jobs accepted but not yet picked up by a worker are waiting, so a
+            # burst can never get more than max_running + queue_size places.
+            full = self._waiting + len(self._running) >= self.max_running + self.cfg.queue_size
             if full:
                 self.stats["rejected_busy"] += 1
             else:
@@ -150,13 +157,20 @@ class GenerationQueue:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {"waiting": self._waiting, "running": self._running is not None,
-                    "capacity": self.cfg.queue_size, "answer_seconds": round(self.answer_seconds, 2),
-                    "worker_alive": self._worker.is_alive(), **self.stats}
+            return {"waiting": self._waiting, "running": len(self._running),
+                    "max_running": self.max_running, "capacity": self.cfg.queue_size,
+                    "answer_seconds": round(self.answer_seconds, 2),
+                    "worker_alive": all(w.is_alive() for w in self._workers), **self.stats}
 
     def close(self) -> None:
-        self._pending.put(None)
-        self._worker.join(timeout=5)
+        """Stop the workers (after their current answers) and the engine's own threads."""
+        for _ in self._workers:
+            self._pending.put(None)
+        for worker in self._workers:
+            worker.join(timeout=5)
+        close = getattr(self.engine, "close", None)
+        if close is not None:
+            close()
 
     def _run(self) -> None:
         while True:
@@ -165,16 +179,20 @@ class GenerationQueue:
                 return
             with self._lock:
                 self._waiting -= 1
-                self._running = job
+                self._running[job.id] = job
             try:
                 self._serve(job)
             finally:
                 with self._lock:
-                    self._running = None
+                    del self._running[job.id]
+
+    def _count(self, stat: str) -> None:
+        with self._lock:  # several workers finish jobs at once
+            self.stats[stat] += 1
 
     def _serve(self, job: Job) -> None:
         if job.cancelled:
-            self.stats["cancelled"] += 1
+            self._count("cancelled")
             job.put(_ERROR, DemoError("cancelled", "the request was cancelled before it started"))
             return
         job.started = time.perf_counter()
@@ -183,13 +201,13 @@ class GenerationQueue:
         try:
             for delta in stream:
                 if job.cancelled:
-                    self.stats["cancelled"] += 1
+                    self._count("cancelled")
                     job.put(_ERROR, DemoError("cancelled", "the client left; answer stopped"))
                     return
                 if delta:
                     job.put(_TOKEN, delta)
         except Exception as e:  # the model failed: tell this client, keep serving others
-            self.stats["failed"] += 1
+            self._count("failed")
             job.put(_ERROR, DemoError("model_error", f"the model failed on this question "
                                       f"({type(e).__name__}: {e}); try again or rephrase", status=500))
             return
@@ -200,5 +218,5 @@ class GenerationQueue:
             job.finished = time.perf_counter()
         took = job.finished - job.started
         self.answer_seconds = 0.7 * self.answer_seconds + 0.3 * took
-        self.stats["completed"] += 1
+        self._count("completed")
         job.put(_DONE)

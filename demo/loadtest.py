@@ -201,6 +201,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
                 _run_clients(server.port, clients, audio, audio_every, retries, client_ids))
             final_health = {"status": "ok"} if health["failures"] == 0 else {"status": "failed"}
             snapshot = svc.queue.snapshot()
+            load_after = round(os.getloadavg()[0], 2)
     finally:
         svc.queue.close()
     outcomes: dict[str, int] = {}
@@ -216,6 +217,7 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
         "text_clients": sum(r.kind == "text" for r in results),
         "client_ids": client_ids, "retries_allowed": retries,
         "limits": {"ask_rate": cfg.limits.ask_rate, "queue_size": cfg.limits.queue_size,
+                   "max_batch": cfg.engine.max_batch,
                    "client_key": cfg.limits.client_key, "stt_max_waiting": cfg.stt.max_waiting},
         "sampling_max_new_tokens": cfg.engine.sampling.max_new_tokens,
         "engine_kind": cfg.engine.kind, "scripted_token_delay_s": cfg.engine.scripted_token_delay_s,
@@ -230,7 +232,8 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
         "retry_after_s": sorted({r.retry_after for r in results if r.retry_after}),
         "health": {**health, "max_s": round(health["max_s"], 3), **final_health},
         "queue_after": snapshot, "wall_s": round(wall, 2), "startup_s": round(start_s, 1),
-        "loadavg_1m_before": load_before,
+        "loadavg_1m_before": load_before, "loadavg_1m_after": load_after,
+        "engine_batch": dict(svc.engine.batch.stats) if hasattr(svc.engine, "batch") else None,
         "per_client": [asdict(r) for r in results],
     }
 
@@ -269,7 +272,8 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
             f"{r['health']['polls']} ({r['health']['failures']}, {r['health']['max_s']}) |")
     lines += ["", "Settings per run: " + "; ".join(
         f"{r['engine']}: ask_rate {r['limits']['ask_rate']} per client id ({r['client_ids']} ids), "
-        f"queue {r['limits']['queue_size']} waiting + 1 running, "
+        f"queue {r['limits']['queue_size']} waiting + {r['limits'].get('max_batch', 1)} running"
+        + (" in one decode batch, " if r.get("engine_kind") != "scripted" else " at once, ")
         + (f"canned 4-step answer at {r['scripted_token_delay_s']} s per word (web layer only)"
            if r.get("engine_kind") == "scripted" else
            f"greedy, max_new_tokens {r['sampling_max_new_tokens']}")
@@ -279,8 +283,13 @@ def to_markdown(runs: list[dict[str, Any]], command: str) -> str:
         "", "All attempts (retries included): " + "; ".join(
             f"{r['engine']}: {r['attempts']} attempts, {r['busy_all_attempts']} busy, "
             f"{r['rate_limited_all_attempts']} rate-limited" for r in runs),
-        "", "1-minute load average before each run (the machine is shared; other jobs were "
-        "running): " + "; ".join(f"{r['engine']}: {r['loadavg_1m_before']}" for r in runs),
+        "", "1-minute load average before / after each run (the machine is shared; other jobs may "
+        "have been running): " + "; ".join(
+            f"{r['engine']}: {r['loadavg_1m_before']} / {r.get('loadavg_1m_after')}" for r in runs),
+        *[line for r in runs if r.get("engine_batch") for line in (
+            "", f"Shared decode batch ({r['engine']}): {r['engine_batch']['admitted']} questions "
+            f"admitted (warm-up included), {r['engine_batch']['steps']} batched decode steps, at most "
+            f"{r['engine_batch']['max_rows']} of {r['limits']['max_batch']} rows decoding at once.")],
         "", "p50/p95: seconds from sending the question to the final `done` (answered requests, "
         "queue wait and STT included); first token: to the first streamed token.", ""]
     return "\n".join(lines)

@@ -40,6 +40,8 @@ class EngineConfig:
     .gguf file or an HF directory; with ``prefer_trained_checkpoint`` the newest trained run under
     ``runs_dir`` wins over it when one exists. ``system_prompt`` None serves the model with its
     own prompt: the one a run was trained with, else jaxkd.data.formatting.SYSTEM_PROMPT.
+    ``max_batch``: questions answered at once; they share one decode batch (a question that
+    arrives while others run joins at the next decode step).
     kind ``scripted``: a model-free engine that streams canned numbered steps (UI development,
     fast tests, load tests of the web layer).
     """
@@ -51,6 +53,7 @@ class EngineConfig:
     max_seq_len: int = 1024
     prompt_bucket: int = 128
     warmup: bool = True
+    max_batch: int = 4
     system_prompt: str | None = None
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=160)
     scripted_token_delay_s: float = 0.02  # scripted engine: pause between streamed words
@@ -60,6 +63,8 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.max_seq_len ({self.max_seq_len}) must exceed engine.sampling.max_new_tokens "
                 f"({self.sampling.max_new_tokens}) to leave room for the prompt")
+        if self.max_batch < 1:
+            raise ConfigError(f"engine.max_batch must be >= 1, got {self.max_batch}")
         if self.scripted_token_delay_s < 0:
             raise ConfigError("engine.scripted_token_delay_s must be >= 0")
 
@@ -99,7 +104,7 @@ class LimitsConfig:
     ask_rate: str = "6/minute"
     transcribe_rate: str = "20/minute"
     client_key: Literal["ip", "ip+client_id"] = "ip"  # ip+client_id: also the ?client_id= value
-    queue_size: int = 4                # answers waiting behind the running one
+    queue_size: int = 4                # answers waiting behind the engine.max_batch running ones
     answer_seconds_estimate: float = 20.0  # initial guess for "retry in N s", then measured
     max_body_bytes: int = 12_000_000
     max_audio_seconds: float = 60.0

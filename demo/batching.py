@@ -1,0 +1,324 @@
+"""Continuous batching for the demo: concurrent questions share one decode batch.
+
+``BatchedStreams`` owns a KV cache of ``max_batch`` rows and one scheduler thread. A request is
+prefilled alone into a one-row cache, written into a free row of the running batch with
+``put_row`` at the next step boundary, and then decoded together with every other running row,
+one jitted step for all of them. Each request streams its own text deltas through its own queue;
+a finished, failed or cancelled request frees its row at once for the next one.
+
+Design choices (the demo serves a handful of people on a CPU, not a fleet):
+
+- The batch cache always has ``max_batch`` rows and ``max_seq_len`` (rounded up to the prompt
+  bucket) slots, so decode compiles exactly once. Idle rows are decoded too and their output is
+  ignored; for the 0.5B model at batch 4 the whole cache is ~100 MB against ~2 GB of weights read
+  every step, so the fixed shape costs little and spares resize/compaction bookkeeping.
+- Rows are independent (``jaxkd.models.kvcache``: right-padded rows, per-row index), and every
+  request samples with the key of row 0 folded with its token position, so an answer does not
+  depend on which other requests share the batch: greedy or sampled, it is the answer
+  ``Generator.stream`` gives the same prompt alone (up to float rounding of different shapes).
+- A newcomer's prefill runs between two decode steps, so running streams pause for one prefill.
+- Errors stay with their request: a prompt that does not fit, or a failing prefill, ends that
+  request only; a failing decode step ends the requests in that batch, the scheduler starts a
+  fresh cache and keeps serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue
+import threading
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxkd.config import SamplingConfig
+from jaxkd.models.generate import Capture, Generator, TextDeltas, decode_fn, prefill_fn
+from jaxkd.models.kvcache import init_cache, put_row
+from jaxkd.models.sampling import SamplerKind, row_keys, sampler_scalars
+
+_TEXT, _END, _ERROR = "text", "end", "error"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One prompt in the batch; the scheduler writes ``(kind, payload)`` items to ``out``."""
+
+    ids: list[int]
+    out: queue.Queue = dataclasses.field(default_factory=queue.Queue)
+    cancelled: bool = False
+    finish_reason: str | None = None   # "eos" | "length" | "cancelled" | "error"
+    tokens: list[int] = dataclasses.field(default_factory=list)  # generated ids (EOS excluded)
+    admitted_step: int | None = None   # decode steps the batch had run when this row joined
+    finished_step: int | None = None
+
+    def cancel(self) -> None:
+        """Stop this request; the scheduler frees its row at the next step boundary."""
+        self.cancelled = True
+
+
+@dataclasses.dataclass(eq=False)
+class _Row:
+    req: Request
+    budget: int
+    deltas: TextDeltas
+    produced: int = 0
+
+
+class BatchedStreams:
+    """Up to ``max_batch`` prompts decoded together; ``stream_ids`` is safe from any thread."""
+
+    def __init__(self, generator: Generator, sampling: SamplingConfig, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.generator, self.sampling, self.max_batch = generator, sampling, max_batch
+        model = generator.model
+        self.max_seq_len, self.bucket = generator.max_seq_len, generator.prompt_bucket
+        # Every prompt (shorter than max_seq_len) and its whole answer fit in these slots.
+        self.cache_len = -(-self.max_seq_len // self.bucket) * self.bucket
+        self.kind = SamplerKind.of(sampling, generator.vocab)
+        self.temperature, self.top_p = sampler_scalars(sampling)
+        # Row 0's key for every request: its samples depend on its positions only, not its row.
+        self.keys = row_keys(sampling.seed, np.zeros(max_batch, np.int64))
+        self._key1 = self.keys[:1]
+        # Parameters as a flat list, read once: the demo never updates weights while serving, and
+        # flattening ~300 leaves per step would cost host time on every token.
+        leaves, treedef = jax.tree.flatten(nnx.state(model))
+        self._leaves = leaves
+        graphdef = nnx.split(model)[0]
+        statics = dict(kind=self.kind, capture=Capture())
+
+        def prefill(leaves, cache, ids, pos, seg, keys, temperature, top_p):
+            tok, _, cache = prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids,
+                                       pos, seg, keys, temperature, top_p, **statics)
+            return tok, cache
+
+        def decode(leaves, cache, tok, keys, temperature, top_p):
+            tok, _, cache = decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, tok,
+                                      keys, temperature, top_p, **statics)
+            return tok, cache
+
+        def admit(cache, row, tok_b, slot, first):
+            return put_row(cache, row, slot), tok_b.at[slot].set(first)
+
+        self._prefill = jax.jit(prefill, donate_argnames=("cache",))
+        self._decode = jax.jit(decode, donate_argnames=("cache",))
+        self._admit = jax.jit(admit, donate_argnames=("cache",))
+        self._new_batch()
+        self._rows: list[_Row | None] = [None] * max_batch
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._gate = threading.Lock()   # held by the scheduler for one admit + step
+        self._count_lock = threading.Lock()
+        self._submitted = self._taken = 0
+        self._closed = False
+        self.stats = {"admitted": 0, "steps": 0, "max_rows": 0,
+                      "cancelled": 0, "failed": 0, "completed": 0}
+        self._thread = threading.Thread(target=self._loop, name="batch-decoder", daemon=True)
+        self._thread.start()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def submit(self, ids: Sequence[int]) -> Request:
+        """Queue a prompt now; read it with ``iterate`` (or use ``stream_ids``)."""
+        if self._closed:
+            raise RuntimeError("the batch decoder is closed")
+        req = Request([int(i) for i in ids])
+        with self._count_lock:
+            self._submitted += 1
+        self._inbox.put(req)
+        return req
+
+    def iterate(self, req: Request) -> Iterator[str]:
+        """Text deltas of ``req``; raises its error. Closing the iterator cancels the request."""
+        try:
+            while True:
+                try:
+                    kind, payload = req.out.get(timeout=1.0)
+                except queue.Empty:
+                    if not self._thread.is_alive():
+                        raise RuntimeError("the batch decoder thread stopped") from None
+                    continue
+                if kind == _TEXT:
+                    yield payload
+                elif kind == _ERROR:
+                    raise payload
+                else:
+                    return
+        finally:
+            req.cancel()  # no-op once finished; frees the row when the caller stopped reading
+
+    def stream_ids(self, ids: Sequence[int]) -> Iterator[str]:
+        req = self.submit(ids)
+        yield from self.iterate(req)
+
+    def active_rows(self) -> int:
+        return sum(r is not None for r in self._rows)
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet given a row (or turned away)."""
+        with self._count_lock:
+            return self._submitted - self._taken
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the scheduler at a step boundary (requests submitted meanwhile are admitted
+        together at the next one): for tests and diagnostics."""
+        with self._gate:
+            yield
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(timeout=10)
+
+    def warmup(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Compile prefill + admission for each prompt's bucket and the one decode step."""
+        for ids in prompts:
+            stream = self.stream_ids(ids)
+            for i, _ in enumerate(stream):
+                if i >= 1:
+                    break
+            stream.close()
+
+    # -- scheduler -----------------------------------------------------------------------------
+
+    def _new_batch(self) -> None:
+        cfg = self.generator.model.cfg
+        self._cache = init_cache(cfg, self.max_batch, self.cache_len, self.generator.model.compute_dtype)
+        self._tok = jnp.full((self.max_batch,), self.generator.pad_id, jnp.int32)
+
+    def _loop(self) -> None:
+        while not self._closed:
+            head = None
+            if self.active_rows() == 0:
+                try:  # idle: wait for work (with a timeout, to notice close())
+                    head = self._inbox.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            with self._gate:
+                self._free_cancelled()  # first, so a waiting request can take the row at once
+                self._admit_waiting(head)
+                if self.active_rows():
+                    self._step()
+        # Closed: whoever is still waiting or decoding hears so instead of waiting forever.
+        stopped = RuntimeError("the model server is shutting down; ask again after the restart")
+        for slot, row in enumerate(self._rows):
+            if row is not None:
+                self._finish(row.req, "error", stopped)
+                self._rows[slot] = None
+        while True:
+            try:
+                self._finish(self._inbox.get_nowait(), "error", stopped)
+            except queue.Empty:
+                return
+
+    def _admit_waiting(self, head: Request | None) -> None:
+        """Give free rows to waiting requests, in arrival order (``head`` first)."""
+        while None in self._rows:
+            if head is not None:
+                req, head = head, None
+            else:
+                try:
+                    req = self._inbox.get_nowait()
+                except queue.Empty:
+                    return
+            with self._count_lock:
+                self._taken += 1
+            if req.cancelled:
+                self._finish(req, "cancelled")
+                continue
+            try:
+                self._admit_one(req, self._rows.index(None))
+            except Exception as e:  # this request only: others keep their rows
+                self.stats["failed"] += 1
+                self._finish(req, "error", e)
+
+    def _admit_one(self, req: Request, slot: int) -> None:
+        n = len(req.ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.max_seq_len:
+            raise ValueError(f"the prompt has {n} tokens; the model serves at most "
+                             f"{self.max_seq_len - 1} (engine.max_seq_len {self.max_seq_len}); "
+                             "ask a shorter question")
+        t = -(-n // self.bucket) * self.bucket
+        ids = np.full((1, t), self.generator.pad_id, np.int32)
+        ids[0, :n] = req.ids
+        seg = (np.arange(t) < n).astype(np.int32)[None]
+        pos = np.arange(t, dtype=np.int32)[None]
+        row = init_cache(self.generator.model.cfg, 1, t, self.generator.model.compute_dtype)
+        tok, row = self._prefill(self._leaves, row, jnp.asarray(ids), jnp.asarray(pos),
+                                 jnp.asarray(seg), self._key1, self.temperature, self.top_p)
+        first = int(np.asarray(tok)[0])
+        req.admitted_step = self.stats["steps"]
+        state = _Row(req, budget=min(self.sampling.max_new_tokens, self.max_seq_len - n),
+                     deltas=TextDeltas(self.generator.tokenizer))
+        self.stats["admitted"] += 1
+        if self._emit(state, first):
+            return  # answered by its first token (EOS, or a budget of one): no row needed
+        self._cache, self._tok = self._admit(self._cache, row, self._tok, jnp.int32(slot),
+                                             jnp.int32(first))
+        self._rows[slot] = state
+        self.stats["max_rows"] = max(self.stats["max_rows"], self.active_rows())
+
+    def _free_cancelled(self) -> None:
+        """Rows whose reader left (client gone, stream closed) stop here."""
+        for slot, row in enumerate(self._rows):
+            if row is not None and row.req.cancelled:
+                self.stats["cancelled"] += 1
+                self._finish(row.req, "cancelled")
+                self._rows[slot] = None
+
+    def _step(self) -> None:
+        try:
+            self._tok, self._cache = self._decode(self._leaves, self._cache, self._tok, self.keys,
+                                                  self.temperature, self.top_p)
+            toks = np.asarray(self._tok)
+        except Exception as e:  # the batch's cache is gone: end its requests, start afresh
+            for slot, row in enumerate(self._rows):
+                if row is not None:
+                    self.stats["failed"] += 1
+                    self._finish(row.req, "error", e)
+                    self._rows[slot] = None
+            self._new_batch()
+            return
+        self.stats["steps"] += 1
+        for slot, row in enumerate(self._rows):
+            if row is not None and self._emit(row, int(toks[slot])):
+                self._rows[slot] = None
+
+    def _emit(self, row: _Row, token: int) -> bool:
+        """Stream one sampled token of ``row``; True when the request is finished."""
+        row.produced += 1
+        if token in self.generator.eos_ids:
+            self._flush(row)
+            self.stats["completed"] += 1
+            self._finish(row.req, "eos")
+            return True
+        row.req.tokens.append(token)
+        delta = row.deltas.push(token)
+        if delta:
+            row.req.out.put((_TEXT, delta))
+        if row.produced >= row.budget:
+            self._flush(row)
+            self.stats["completed"] += 1
+            self._finish(row.req, "length")
+            return True
+        return False
+
+    @staticmethod
+    def _flush(row: _Row) -> None:
+        tail = row.deltas.flush()
+        if tail:
+            row.req.out.put((_TEXT, tail))
+
+    def _finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        req.finish_reason, req.finished_step = reason, self.stats["steps"]
+        if error is not None:
+            req.out.put((_ERROR, error))
+        elif reason == "cancelled":
+            req.out.put((_ERROR, RuntimeError("the request was cancelled")))
+        else:
+            req.out.put((_END, None))
