@@ -137,7 +137,7 @@ def test_injected_answers_get_zero_or_are_judged_stripped(tiny):
     v = zero.score([ITEM] * 2, [plain, injected], [Criterion.TECHNICAL, Criterion.COMPLETENESS])
     for c in v:
         assert v[c].flagged.tolist() == [False, True] and v[c].score[1] == 0 and v[c].mass[1] == 1
-        assert v[c].dist[1, 0] == 1 and v[c].score[0] > 0
+        assert v[c].dist[1, 0] == 1 and v[c].score[0] > 0 and v[c].steps[1] == 0 and v[c].steps[0] > 0
     assert zero.stats["requests"] == 2          # one (plain) answer x 2 criteria reached the model
     strip = LLMJudge(model, tok, fingerprint="t", config=JudgeConfig(batch_size=2, prompt_bucket=64,
                                                                       injection="strip"))
