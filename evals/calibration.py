@@ -192,10 +192,10 @@ def write_report(results_dir: Path = RESULTS) -> Path:
               + (f", first {j['per_category']} per category" if j.get("per_category") else "") + ")", "",
               f"Command: `{j['command']}`; {j['date']} on {j['machine']}; {j['wall_s']:.0f} s for "
               f"{2 * j['n_pairs']} answers x 4 criteria (load excluded"
-              + (f"; {j['forward_stats']['forward_s']:.0f} s of it in forward passes, "
-                 f"{j['forward_stats']['requests']} criterion requests"
+              + (f"; this run computed {j['forward_stats']['requests']} criterion requests"
                  + (f" and {j['forward_stats']['step_probes']} step probes" if "step_probes" in j["forward_stats"] else "")
-                 + " computed, the rest from the verdict cache" if j.get("forward_stats") else "") + ")." + setup + " Mean valid score-token mass"
+                 + f" in {j['forward_stats']['forward_s']:.0f} s of forward passes, any other verdict came from the "
+                   f"verdict cache or the injection guard" if j.get("forward_stats") else "") + ")." + setup + " Mean valid score-token mass"
               + (" (answers the judge model read)" if flag else "") + ": "
               + ", ".join(f"{c} {j['valid_mass_mean'][c]:.3f}" for c in crit if c in j["valid_mass_mean"]) + ".",
               *([""] + flag_line if flag_line else []), "",

@@ -254,7 +254,8 @@ class Verdicts:
     w * max_score * (share of reference steps the answer contains)``, whose step part is the mean
     P(yes) of the per-step probes (``steps``). ``mass``: probability on valid score tokens.
     ``flagged``: the answer addressed the grader (``jaxkd.judge_guard``); under injection policy
-    "zero" its score is 0, its ``dist`` the point mass on 0 and its ``mass`` 1 (no forward pass).
+    "zero" its score and ``steps`` are 0, its ``dist`` the point mass on 0 and its ``mass`` 1 (no
+    forward pass).
     """
 
     criterion: Criterion
@@ -416,6 +417,8 @@ class LLMJudge:
             if zeroed[i]:  # the rubric's rule for an answer that addresses the grader, applied by rule
                 for c in crits:
                     out[c][i], mass[c][i], score[c][i] = np.eye(top[c] + 1)[0], 1.0, 0.0
+                    if c in steps:
+                        steps[c][i] = 0.0
                 continue
             hit = [self.cache.rows.get(k) if self.cache else None for k in keys[i]]
             if all(hit):
