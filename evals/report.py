@@ -356,8 +356,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
     cats = Counter(it["category"] for it in items)
     commands = sorted({r["entry"].get("command") for r in res.values() if r["entry"].get("command")})
     L = [f"# Evaluation report: {', '.join(tags)}", ""]
-    L += [f"Built by `python -m evals.run --config {config_path} --report-only` from the caches in "
-          f"`{cfg.cache_dir}` (no model loaded); the caches were filled by: "
+    L += [f"Rebuild: `python -m evals.run --config {config_path} --report-only` (reads the caches in "
+          f"`{cfg.cache_dir}`, loads no model). The caches were filled by: "
           + ("; ".join(f"`{c}`" for c in commands) or "(unknown)") + ".", ""]
     L += [f"Items: {len(items)} held-out questions of {n_rec} records (split `{cfg.items.split}`"
           + (f"; the held-out set has {n_all} questions of {n_all_rec} records" if n_all else "")
