@@ -336,7 +336,8 @@ def _machines(res: Mapping[str, dict]) -> list[dict]:
     return out
 
 
-def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", command: str | None = None) -> Path:
+def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", command: str | None = None,
+                 tags_arg: Sequence[str] | None = None) -> Path:
     """Write ``<results_dir>/<name>.{md,json}`` and the plots from the caches; returns the .md path."""
     from jaxkd.data.store import load_records
 
@@ -356,7 +357,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
     cats = Counter(it["category"] for it in items)
     commands = sorted({r["entry"].get("command") for r in res.values() if r["entry"].get("command")})
     L = [f"# Evaluation report: {', '.join(tags)}", ""]
-    L += [f"Rebuild: `python -m evals.run --config {config_path} --report-only` (reads the caches in "
+    sel = f" --tags {' '.join(tags_arg)}" if tags_arg else ""
+    L += [f"Rebuild: `python -m evals.run --config {config_path}{sel} --report-only` (reads the caches in "
           f"`{cfg.cache_dir}`, loads no model). The caches were filled by: "
           + ("; ".join(f"`{c}`" for c in commands) or "(unknown)") + ".", ""]
     L += [f"Items: {len(items)} held-out questions of {n_rec} records (split `{cfg.items.split}`"

@@ -439,21 +439,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="run this model tag only (in this process), no report")
     p.add_argument("--judge-only", action="store_true", help="run the judge stage only (in this process)")
     p.add_argument("--in-process", action="store_true", help="run every model in this process")
+    p.add_argument("--tags", nargs="+", default=None,
+                   help="restrict the run / report to these model tags (the baseline must be among them)")
     p.add_argument("overrides", nargs="*", help="key=value (models.<i>.<key>=... for a model)")
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.tags:
+            import dataclasses
+
+            unknown = [t for t in args.tags if t not in {m.tag for m in cfg.models}]
+            if unknown:
+                raise ConfigError(f"--tags {unknown}: not model tags of {args.config}")
+            cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.tag in args.tags))
         judge_name = cfg.judge_model() if cfg.judge.enabled else None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "evals.run", "--config", args.config,
-                                                 *args.overrides])
+                                                 *(["--tags", *args.tags] if args.tags else []), *args.overrides])
     items = select_items(cfg.items.split, cfg.items.records)
     if args.report_only:
         from evals.report import build_report
 
-        print(build_report(cfg, items, config_path=args.config))
+        print(build_report(cfg, items, config_path=args.config, command=command, tags_arg=args.tags))
         return 0
     if args.only:
         m = {x.tag: x for x in cfg.models}.get(args.only)
@@ -473,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_model(cfg, m, items, command=command)
         else:
             rc = subprocess.call([sys.executable, "-m", "evals.run", "--config", args.config, "--only", m.tag,
-                                  *args.overrides])
+                                  *(["--tags", *args.tags] if args.tags else []), *args.overrides])
             if rc:
                 print(f"model {m.tag} failed (exit {rc})", file=sys.stderr)
                 return rc
@@ -482,11 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.in_process:
             run_judge(cfg, items)
         elif subprocess.call([sys.executable, "-m", "evals.run", "--config", args.config, "--judge-only",
-                              *args.overrides]):
+                              *(["--tags", *args.tags] if args.tags else []), *args.overrides]):
             return 1
     from evals.report import build_report
 
-    print(build_report(cfg, items, config_path=args.config, command=command))
+    print(build_report(cfg, items, config_path=args.config, command=command, tags_arg=args.tags))
     return 0
 
 

@@ -158,6 +158,11 @@ def test_config_file_errors_name_the_file_and_cli_exits_2(tmp_path, capsys):
     assert main(["--config", str(path), "--report-only"]) == 2
     err = capsys.readouterr().err
     assert f"config error: {path}: retention: retention.ppl_window must be > 1, got 1" in err
+    path.write_text(yaml.safe_dump(BASE_CFG))
+    assert main(["--config", str(path), "--report-only", "--tags", "b"]) == 2
+    assert "baseline 'a' is not a model tag; tags: ['b']" in capsys.readouterr().err
+    assert main(["--config", str(path), "--report-only", "--tags", "c"]) == 2
+    assert "--tags ['c']: not model tags of" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------
