@@ -14,7 +14,6 @@ make and gives Bonferroni-adjusted intervals next to the unadjusted 95% ones.
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence

@@ -37,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
-from jaxkd.config import ConfigError, SamplingConfig, _frozen, from_dict, load, to_dict
+from jaxkd.config import ConfigError, SamplingConfig, _frozen, from_dict, to_dict
 
 DEFAULT_JUDGES = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
 _TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
