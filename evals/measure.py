@@ -90,6 +90,29 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# Where one config's caches live: <cache_dir>/<tag>/*.jsonl and <cache_dir>/manifest.json (per
+# tag, the cache keys of its last run: all the report needs to find its rows).
+
+def model_dir(cfg: Any, tag: str) -> Path:
+    return Path(cfg.cache_dir) / tag
+
+
+def read_manifest(cfg: Any) -> dict[str, Any]:
+    path = Path(cfg.cache_dir) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def update_manifest(cfg: Any, tag: str, entry: Mapping[str, Any]) -> None:
+    path = Path(cfg.cache_dir) / "manifest.json"
+    data = read_manifest(cfg)
+    data[tag] = entry
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
+    tmp.replace(path)
+
+
+
 # --------------------------------------------------------------------------------------------
 # Answers
 # --------------------------------------------------------------------------------------------
@@ -210,5 +233,6 @@ def throughput(loaded: Any, prompts: Sequence[Sequence[int]], *, batch_sizes: Se
     return out
 
 
-__all__ = ["GEN_VERSION", "JsonlCache", "cache_key", "count_params", "generate_missing", "machine_info",
+__all__ = ["GEN_VERSION", "JsonlCache", "cache_key", "count_params", "generate_missing", "machine_info", "model_dir",
+           "read_manifest", "update_manifest",
            "peak_rss_gib", "perplexity", "text_token_ids", "throughput", "now"]

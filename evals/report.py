@@ -139,8 +139,7 @@ class StaleCache(RuntimeError):
 def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
     """Per tag: scored domain items, sanity items, perplexity, efficiency, judge scores and the
     manifest entry, all from the caches."""
-    from evals.measure import JsonlCache
-    from evals.run import model_dir, read_manifest
+    from evals.measure import JsonlCache, model_dir, read_manifest
     from jaxkd.data.general import load_sanity_qa
 
     manifest = read_manifest(cfg)

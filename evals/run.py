@@ -37,6 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from evals.measure import model_dir, read_manifest, update_manifest
 from jaxkd.config import ConfigError, SamplingConfig, _frozen, from_dict, to_dict
 
 DEFAULT_JUDGES = ("qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct")
@@ -245,25 +246,6 @@ def select_items(split: str, records: int, items: Sequence[Mapping] | None = Non
 # --------------------------------------------------------------------------------------------
 # One model
 # --------------------------------------------------------------------------------------------
-
-
-def model_dir(cfg: EvalConfig, tag: str) -> Path:
-    return Path(cfg.cache_dir) / tag
-
-
-def read_manifest(cfg: EvalConfig) -> dict[str, Any]:
-    path = Path(cfg.cache_dir) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def update_manifest(cfg: EvalConfig, tag: str, entry: Mapping[str, Any]) -> None:
-    path = Path(cfg.cache_dir) / "manifest.json"
-    data = read_manifest(cfg)
-    data[tag] = entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False))
-    tmp.replace(path)
 
 
 def _messages(system: str | None, user: str) -> list[dict]:
