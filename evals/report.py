@@ -409,7 +409,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
     for c in cats_all:
         first = summ["per_category"][tags[0]].get(c, {})
         L.append(f"| {c} | {first.get('items', 0)} / {first.get('records', 0)} | " + " | ".join(
-            (lambda s: f"{s['steps']:.3f} [{s['steps_ci'][0]:.2f}, {s['steps_ci'][1]:.2f}]" if s else "-")(
+            (lambda s: "-" if not s else f"{s['steps']:.3f} (1 record)" if s["records"] < 2 else
+             f"{s['steps']:.3f} [{s['steps_ci'][0]:.2f}, {s['steps_ci'][1]:.2f}]")(
                 summ["per_category"][t].get(c)) for t in tags) + " |")
     devs = sorted({d for t in tags for d in summ["per_device"][t]})
     L += ["", "### Per device (step coverage / keyword coverage means; too few records for intervals)", "",
@@ -480,7 +481,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
               f"end-of-turn ignored; one untimed warm-up, then min and median of {cfg.efficiency.reps} reps; "
               "prompts = the first held-out prompts (chat-formatted, the model's system prompt). Peak RSS = "
               "the process that loaded the model and ran answers, perplexity and these reps. Disk = weight "
-              "bytes loading needs (a run: its checkpoint plus its base model's file). The machine is shared: "
+              "bytes loading needs (a packaged preset: its GGUF file, dequantised at load; a run: its checkpoint "
+              "items plus its base model's file). The machine is shared: "
               "the 1-minute load average during the reps is shown.", ""]
         for mach in machines:
             L.append(f"Machine: {mach['node']}, {mach['cpu']}, {mach['cores']} cores, {mach['mem_gib']} GiB, "

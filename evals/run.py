@@ -439,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     command = " ".join(shlex.quote(a) for a in ["python", "-m", "evals.run", "--config", args.config,
+                                                 *(["--only", args.only] if args.only else []),
                                                  *(["--tags", *args.tags] if args.tags else []), *args.overrides])
     items = select_items(cfg.items.split, cfg.items.records)
     if args.report_only:
