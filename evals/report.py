@@ -365,6 +365,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
           + ", ".join(f"{c} {n}" for c, n in sorted(cats.items())) + ". "
           f"Decoding: {json.dumps(to_plain(cfg.sampling))}, same for every model; each model is prompted with "
           f"the system prompt it is served with (a run: the one it was trained with).", ""]
+    if cfg.notes:
+        L += ["Notes:", ""] + [f"- {n}" for n in cfg.notes] + [""]
     L += ["Models:", ""]
     for m in cfg.models:
         e = res[m.tag]["entry"]

@@ -146,6 +146,7 @@ class EvalConfig:
     bootstrap_resamples: int = 4000
     level: float = 0.95
     seed: int = 0
+    notes: tuple[str, ...] = ()                   # printed under "Notes" in the report (observations)
 
     def __post_init__(self) -> None:
         if not self.models:
