@@ -593,7 +593,7 @@ def _plot_failures(cfg: Any, res: Mapping[str, dict], path: Path) -> None:
     axes[0][0].set_ylabel("step coverage")
     if sc is not None:
         fig.colorbar(sc, ax=axes[0].tolist(), label="language signal")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
