@@ -339,3 +339,16 @@ def test_failure_flags_on_hand_written_answers():
     assert "repetition" in flags("Turn it off and on. " * 12)
     assert "truncated" in flags(good, "length") and "missing_step" in flags("Charge the earbuds fully overnight.")
     assert "verbosity" in flags(good + " " + " ".join(["Make sure the earbuds are charged and close by."] * 8))
+
+
+@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml"])
+def test_committed_eval_configs_name_real_presets_and_the_baseline_first(name):
+    from jaxkd.config import CONFIG_DIR, load_model_spec
+
+    cfg = load_config(CONFIG_DIR / name)
+    assert cfg.models[0].tag == cfg.baseline == "student_base"
+    for m in cfg.models:
+        if "/" not in m.model:          # run dirs are paths; everything else must be a preset
+            load_model_spec(m.model)
+    if cfg.judge.enabled:
+        assert cfg.judge_model() not in {m.model for m in cfg.models}
