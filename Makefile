@@ -18,7 +18,7 @@ MODEL    ?=
 BASE_MODEL := qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
-.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate report clean
+.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate evaluate report clean
 
 setup: $(VENV)/.installed
 
@@ -73,8 +73,16 @@ bench-generate: setup
 	test -d $(BASELINE_DIR) || git worktree add --detach $(BASELINE_DIR) $(BASELINE)
 	$(BIN)/python -m evals.bench_generate --model $(or $(MODEL),$(BASE_MODEL)) --baseline-src $(BASELINE_DIR)
 
-# Rebuild the committed reports from the committed per-model results (no model runs).
+EVAL_CONFIG ?= configs/eval_cpu.yaml
+# Evaluate the models of $(EVAL_CONFIG) (answers, retention, throughput; judge when enabled) and
+# write evals/results/eval_report.*; only what the caches lack is computed.
+evaluate: setup
+	$(BIN)/python -m evals.run --config $(EVAL_CONFIG)
+
+# Rebuild the committed reports from the committed per-model results and caches (no model runs):
+# evals/results/eval_report.{md,json,png} from the caches of `python -m evals.run --config $(EVAL_CONFIG)`.
 report: setup
+	$(BIN)/python -m evals.run --config $(EVAL_CONFIG) --report-only
 	$(BIN)/python -m evals.domain --report --report-tags student_base student_kd student_kd_grounded teacher teacher_grounded
 	$(BIN)/python -m evals.ablation
 

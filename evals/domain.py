@@ -156,6 +156,8 @@ def item_messages(item: Mapping, grounding: str = "none", system_prompt: str | N
 
 
 def gen_key(model_id: str, messages: Sequence[Mapping], sampling: Mapping) -> str:
+    """Cache key of one answer; ``model_id`` identifies the weights (``generate_answers`` passes
+    ``evals.identity.weights_identity(model)["id"]``), not merely their path."""
     blob = json.dumps({"model": model_id, "messages": list(messages), "sampling": dict(sampling)},
                       sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -202,7 +204,12 @@ def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, groundin
 
     system = served_system_prompt(model)  # a run is evaluated with the prompt it was trained with
     msgs = [item_messages(it, grounding, system or "") for it in items]
-    model_id = str(model) + ("" if grounding == "none" else f"+grounding={grounding}")
+    # Keyed by what the weights are (evals.identity: asset sha256 / file metadata / run step), not
+    # by the path: a run retrained in place under the same path must not be served stale answers.
+    from evals.identity import weights_identity
+
+    weights = weights_identity(model)["id"]
+    model_id = weights + ("" if grounding == "none" else f"+grounding={grounding}")
     keys = [gen_key(model_id, m, to_dict(sampling)) for m in msgs]
     todo = [i for i, k in enumerate(keys) if k not in cache.rows]
     if todo:
@@ -212,7 +219,7 @@ def generate_answers(model: str, items: Sequence[Mapping], *, tag: str, groundin
         pt, resolved = _load_model(model)
         log(f"loaded {resolved} in {time.perf_counter() - t0:.0f}s; generating {len(todo)} answers")
         gen = Generator(pt.model, pt.tokenizer, max_seq_len=1024, prompt_bucket=64)
-        prov = {"model": resolved, "grounding": grounding, "sampling": to_dict(sampling),
+        prov = {"model": resolved, "weights": weights, "grounding": grounding, "sampling": to_dict(sampling),
                 "command": " ".join(shlex.quote(a) for a in ["python", "-m", "evals.domain", *sys.argv[1:]]),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "machine": f"{platform.node()} {platform.machine()}"}

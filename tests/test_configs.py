@@ -19,6 +19,10 @@ def _loader_for(path: Path):
     """The strict loader a top-level YAML belongs to (run configs here, demo config in demo/)."""
     if "stage" in read_yaml(path):
         return lambda p, o=(): load(RunConfig, p, o)
+    if path.name.startswith("eval"):   # python -m evals.run --config configs/eval*.yaml
+        from evals.run import load_config
+
+        return lambda p, o=(): load_config(p, o)
     if path.name == "demo.yaml":
         from demo.settings import load_demo_config
 
