@@ -27,7 +27,7 @@ import datetime
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -218,6 +218,23 @@ class RunCheckpointer:
         rest = self._restore_item(step, "train", {k: v for k, v in template.items() if k != "params"},
                                   meta["train_paths"])
         return {"params": params, **rest}, meta.get("extras", {})
+
+    def start(self, state: Mapping[str, Any], *, resume: bool, log: Callable[[str], None] = print,
+              ) -> tuple[Any, dict[str, Any] | None, int]:
+        """A training loop's start: ``(state, extras, step)``, restored from the latest checkpoint
+        with ``resume``, else ``(state, None, 0)``. Refuses to start over existing checkpoints
+        (that would mix two runs in one directory) and to resume from none."""
+        latest = self.latest_step()
+        if resume:
+            if latest is None:
+                raise FileNotFoundError(f"--resume: no checkpoint in {self.dir}")
+            restored, extras = self.restore(latest, state)
+            log(f"resumed from {self.step_dir(latest)} at step {latest}")
+            return restored, extras, latest
+        if latest is not None:
+            raise FileExistsError(f"{self.dir} already holds checkpoints; pass --resume to continue "
+                                  f"or choose another name= / runs_dir=")
+        return state, None, 0
 
     def restore_params(self, step: int | None, template: Any) -> Any:
         """Only the trainable parameters of ``step`` (None: the latest), laid out like ``template``

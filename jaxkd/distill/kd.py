@@ -289,18 +289,9 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
 
     run_dir = cfg.run_dir
     ckpt = RunCheckpointer(run_dir, keep=tc.keep, create=True)
-    start = 0
-    if resume:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.dir}")
-        state, extras = ckpt.restore(latest, state)
+    state, extras, start = ckpt.start(state, resume=resume, log=log)
+    if extras is not None:
         data.set_state(extras["data"])
-        start = latest
-        log(f"resumed from {ckpt.step_dir(latest)} at step {start}")
-    elif ckpt.latest_step() is not None:
-        raise FileExistsError(f"{ckpt.dir} already holds checkpoints; pass --resume to continue "
-                              f"or choose another name= / runs_dir=")
     system_prompt = trained_system_prompt(train)
     prepare_run_dir(cfg, recipe="kd", pretrained=pretrained, model_cfg=model.cfg, tokenizer=tokenizer,
                     system_prompt=system_prompt)

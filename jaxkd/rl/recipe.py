@@ -202,18 +202,9 @@ def run_grpo_stage(cfg: RunConfig, *, resume: bool = False, policy: Any = None, 
 
     run_dir = cfg.run_dir
     ckpt = RunCheckpointer(run_dir, keep=tc.keep, create=True)
-    start = 0
-    if resume:
-        latest = ckpt.latest_step()
-        if latest is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt.dir}")
-        state, extras = ckpt.restore(latest, state)
+    state, extras, start = ckpt.start(state, resume=resume, log=log)
+    if extras is not None:
         sampler.set_state(extras["prompts"])
-        start = latest
-        log(f"resumed from {ckpt.step_dir(latest)} at step {start}")
-    elif ckpt.latest_step() is not None:
-        raise FileExistsError(f"{ckpt.dir} already holds checkpoints; pass --resume to continue "
-                              f"or choose another name= / runs_dir=")
     prepare_run_dir(cfg, recipe="grpo", pretrained=policy, model_cfg=model.cfg, tokenizer=tokenizer,
                     system_prompt=system_prompt, train=tc)
 
