@@ -305,17 +305,7 @@ def make_grpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, cfg
         raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
 
     def loss_fn(params, frozen, ref_params, batch):
-        logp_bt, entropy_bt = policy_logprobs(graphdef, params, frozen, batch, cfg.temperature,
-                                              with_entropy=True)
-        ref_logp_bt = None
-        if cfg.beta > 0.0:
-            ref_logp_bt, _ = policy_logprobs(graphdef, ref_params, frozen, batch, cfg.temperature)
-            ref_logp_bt = jax.lax.stop_gradient(ref_logp_bt)
-        mask = batch["completion_mask"] > 0
-        loss, metrics = grpo_loss(logp_bt, batch["old_logp"], batch["advantages"], mask,
-                                  batch["loss_weights"], eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                  ratio_level=cfg.ratio_level, beta=cfg.beta, ref_logp_bt=ref_logp_bt)
-        metrics["entropy"] = _masked_mean(entropy_bt, mask)
+        loss, metrics = grpo_objective(graphdef, params, frozen, ref_params, batch, cfg, vocab=vocab)
         return loss * accum_steps, (loss, metrics)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
