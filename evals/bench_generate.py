@@ -59,11 +59,22 @@ QUESTIONS = [
 ]
 
 
+def _check_measured_src(worker: "Worker", loaded: dict[str, Any]) -> None:
+    """A jaxkd worker must have imported jaxkd from its own checkout, or the comparison is void."""
+    f = loaded.get("jaxkd_file")
+    if f is not None and not Path(f).resolve().is_relative_to(worker.src):
+        raise SystemExit(f"bench worker {worker.name}: imported jaxkd from {f}, not from {worker.src}")
+
+
 class Worker:
     """A bench_worker.py process running one implementation."""
 
     def __init__(self, name: str, src: Path):
         self.name = name
+        # Absolute: the worker runs with cwd=src, where a relative PYTHONPATH would point nowhere and
+        # the editable install's jaxkd would be measured instead (caught by check_measured_src).
+        src = Path(src).resolve()
+        self.src = src
         env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))
@@ -182,6 +193,7 @@ def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], n
         for name, w in workers.items():
             kind = "transformers" if name == "transformers" else "jaxkd"
             out["impls"][name] = w.call(op="load", impl=kind, model=model)
+            _check_measured_src(w, out["impls"][name])
             print(f"loaded {name}: {out['impls'][name]}", file=sys.stderr, flush=True)
         for b, n in zip(batch_sizes, new_tokens):
             prompts = chat_prompts(model, b)
@@ -260,6 +272,7 @@ def run_teacher(impls: dict[str, tuple[Path, Path]], prompts: int, reps: int, mo
     try:
         for name, w in workers.items():
             out["impls"][name] = w.call(op="load", impl="jaxkd", model=model)
+            _check_measured_src(w, out["impls"][name])
         reps_out: dict[str, list[dict]] = {name: [] for name in workers}
         for r in range(reps + 1):  # rep 0: warm-up
             for name, w in workers.items():
