@@ -20,41 +20,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from jaxkd.data.store import JsonlCache  # noqa: F401 (evals' caches; re-exported)
+
 GEN_VERSION = 1  # bump when the generation procedure changes in a way the key cannot see
 
 
 def cache_key(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
-class JsonlCache:
-    """One JSON object per line, each with a ``key``; later lines win. Appends as results come."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{n}: not JSON ({e}); delete the line or the file") from None
-                self.rows[row["key"]] = row
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.rows
-
-    def get(self, key: str) -> dict | None:
-        return self.rows.get(key)
-
-    def add(self, rows: Sequence[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-                self.rows[row["key"]] = row
 
 
 def machine_info() -> dict[str, Any]:

@@ -62,6 +62,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from jaxkd.config import JudgeConfig
+from jaxkd.data.store import JsonlCache
 from jaxkd.judge_guard import strip_injections
 from jaxkd.rewards import ItemView, item_view
 
@@ -274,30 +275,14 @@ class Verdicts:
         return self.score / self.max_score
 
 
-class VerdictCache:
+class VerdictCache(JsonlCache):
     """JSONL file of verdicts, keyed by (judge fingerprint, rubric version, criterion, prompt and
     how the score is combined, e.g. the step weight)."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.rows: dict[str, dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    row = json.loads(line)
-                    self.rows[row["key"]] = row
 
     @staticmethod
     def key(fingerprint: str, criterion: Criterion, prompt: str, variant: str = "") -> str:
         blob = json.dumps([fingerprint, RUBRIC_VERSION, criterion.value, prompt, variant], ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()
-
-    def add(self, rows: Sequence[dict]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-                self.rows[row["key"]] = row
 
 
 def model_fingerprint(name_or_path: str) -> str:

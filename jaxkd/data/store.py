@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 BUILT_DIR = Path(__file__).resolve().parent / "built"
 SPLIT_NAMES = ("train", "val", "test")
@@ -63,3 +63,33 @@ def load_dataset(split: str = "all", *, built_dir: str | Path | None = None):
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist; run `python -m jaxkd.data build` first")
     return datasets.Dataset.from_json([str(p) for p in paths], keep_in_memory=True)
+
+
+class JsonlCache:
+    """One JSON object per line, each with a ``key``; later lines win. Appends as results come."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: dict[str, dict] = {}
+        if self.path.exists():
+            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.path}:{n}: not JSON ({e}); delete the line or the file") from None
+                self.rows[row["key"]] = row
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def get(self, key: str) -> dict | None:
+        return self.rows.get(key)
+
+    def add(self, rows: Sequence[dict]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+                self.rows[row["key"]] = row
