@@ -239,16 +239,10 @@ def run_load(*, clients: int = 20, engine: str = "scripted", audio_every: int = 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB RAM, Python {platform.python_version()}"
+    from jaxkd.machine import cpu_facts
+
+    f = cpu_facts()
+    return f"{f['cores']} x {f['cpu']}, {f['ram_gib']:.0f} GiB RAM, Python {platform.python_version()}"
 
 
 def to_markdown(runs: list[dict[str, Any]], command: str) -> str:

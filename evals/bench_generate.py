@@ -144,24 +144,17 @@ def chat_prompts(model: str, n: int) -> list[list[int]]:
 
 
 def machine() -> dict[str, Any]:
-    cpu, simd, mem_kb = "unknown", [], 0
-    try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-        flags = next(line for line in info if line.startswith("flags"))
-        simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "fma") if f" {f}" in flags]
-        mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
-                          if line.startswith("MemTotal")).split()[1])
-    except (OSError, StopIteration):
-        pass
+    from jaxkd.machine import cpu_facts
+
+    facts = cpu_facts()
     versions = {}
     for pkg in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "gguf"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
-    return {"host": platform.node(), "cpu": cpu, "simd": simd, "cores": os.cpu_count(),
-            "ram_GiB": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+    return {"host": platform.node(), "cpu": facts["cpu"], "simd": facts["simd"], "cores": facts["cores"],
+            "ram_GiB": facts["ram_gib"], "python": platform.python_version(),
             "platform": platform.platform(), "versions": versions,
             "load_avg_at_start": os.getloadavg()}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from jaxkd.machine import describe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 D, V, VOCAB, K = 896, 151936, 151665, 16
@@ -103,15 +104,6 @@ def timed(step, h, w) -> tuple[float, float, object]:
     w0, c0 = time.perf_counter(), time.process_time()
     out = jax.block_until_ready(step(h, w))
     return time.perf_counter() - w0, time.process_time() - c0, out
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB"
 
 
 def now_and_load() -> dict:
@@ -257,7 +249,7 @@ def render(data: dict) -> str:
             lines.append(f"| {name} | {r.get('temp_mb', 0):.0f} | {r.get('argument_mb', 0):.0f} | "
                          f"{r.get('output_mb', 0):.0f} | {r['peak_rss_gb']:.2f} | {r['peak_rss_gb'] - base:.2f} |")
         lines.append("")
-    lines += [f"Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])]
+    lines += ["Commands: " + "; ".join(f"`{c}`" for c in meta["commands"])]
     return "\n".join(lines) + "\n"
 
 
@@ -290,7 +282,7 @@ def main() -> int:
     meta.update({"batch": args.batch, "seq": args.seq, "loss_positions": args.batch * args.answer,
                  "loss_fraction": args.answer / args.seq,
                  "inputs": f"real h and w from {args.real_head}" if args.real_head else "random (seeded)",
-                 "machine": machine()})
+                 "machine": describe()})
     meta["commands"] = [c for c in meta["commands"] if c != cmd] + [cmd]
     data["meta"] = meta
     phases = ["timing", "sweep", "memory"] if args.phase == "all" else [args.phase]

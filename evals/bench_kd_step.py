@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -27,21 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxkd.machine import describe
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ALPHA, TOPK, LR = 0.5, 16, 1e-5
 TARGET_RATIO, TARGET_RSS_GB = 0.75, 7.0   # the targets for the 0.5B at batch 2 x 288
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-        mem = [ln for ln in open("/proc/meminfo") if ln.startswith("MemTotal")][0].split()[1]
-        cpu += f", {int(mem) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return f"{platform.node()}: {cpu}, {os.cpu_count()} cores"
 
 
 def make_batch(vocab: int, b: int, t: int, answer: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -207,7 +196,7 @@ def main() -> int:
     ratio = float(np.median(results["jax"]["step_s"]) / np.median(results["torch"]["step_s"]))
     meta = {"model": args.model, "batch": args.batch, "seq": args.seq, "loss_positions": args.answer,
             "top_k": TOPK, "alpha": ALPHA, "chunk": args.chunk, "remat": args.remat,
-            "trainable": "no_embed (embed_tokens, lm_head frozen)", "machine": _machine(),
+            "trainable": "no_embed (embed_tokens, lm_head frozen)", "machine": describe(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "command": "flock /tmp/jaxkd-bigmem.lock python -m evals.bench_kd_step " + " ".join(sys.argv[1:]),
             "first_step_loss_abs_diff": diff, "jax_over_torch_median": ratio,

@@ -31,25 +31,13 @@ def cache_key(**parts: Any) -> str:
 
 def machine_info() -> dict[str, Any]:
     """What the throughput figures were measured on (the machine is shared: load average too)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
     import jax
 
-    return {"node": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem,
-            "python": platform.python_version(), "jax": jax.__version__,
+    from jaxkd.machine import cpu_facts
+
+    f = cpu_facts()
+    return {"node": platform.node(), "cpu": f["cpu"], "simd": f["simd"], "cores": f["cores"],
+            "mem_gib": f["ram_gib"], "python": platform.python_version(), "jax": jax.__version__,
             "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()][:4]}
 
 
