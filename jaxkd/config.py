@@ -445,8 +445,14 @@ class DistillConfig:
     alpha: float = 0.5   # 1.0: pure response KD (SFT on teacher answers)
     beta: float = 0.5    # mixing weight of jsd / skew divergences
     use_cache: bool = True  # soft targets from the teacher's top-k store (else alpha must be 1)
+    # Teacher answers kept for training (each check off by default; the counts go to summary.json):
+    drop_truncated: bool = False     # cut at max_new_tokens: the student would never learn to stop
+    min_step_coverage: float = 0.0   # robust coverage of the record's reference steps (0-1)
+    drop_unsafe: bool = False        # advice the unsafe-advice rules flag
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_step_coverage <= 1.0:
+            raise ConfigError(f"distill.min_step_coverage must be in [0, 1], got {self.min_step_coverage}")
         if self.temperature <= 0:
             raise ConfigError(f"distill.temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxkd.config import (DistillConfig, DomainSamplingConfig, RunConfig, SamplingConfig,
+from jaxkd.config import (ConfigError, DistillConfig, DomainSamplingConfig, RunConfig, SamplingConfig,
                           TeacherConfig, TrainConfig)
 from jaxkd.ckpt import RunCheckpointer
 from jaxkd.data.loader import kd_batch, kd_eval_batches
@@ -131,7 +131,7 @@ def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, 
     cfg = _cfg(cache_dir, "rw")
     model = tiny_decoder(seed=5)
     graphdef, params, frozen = st.split_model(model, "no_embed")
-    val, _ = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
+    val, _, _ = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
     eval_fn = K.make_eval_step(graphdef, TOKENIZER_VOCAB)
     # Plant: teacher == the student itself on "audio" and "wearable"; a far-off teacher on "network".
     for ex in val:
@@ -204,7 +204,7 @@ def test_grounded_teacher_student_inputs_hold_no_grounding(tmp_path, tok, record
         assert b["targets"][0, s_pos] == entry.target_ids[j] and b["loss_mask"][0, s_pos] == 1
         np.testing.assert_array_equal(ids, np.asarray(jax.lax.top_k(t_logp[t_pos], 4)[1]))
         np.testing.assert_allclose(b["topk_logprobs"][0, s_pos], np.asarray(t_logp[t_pos])[ids], atol=1e-2)
-    exs, missing = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
+    exs, missing, _ = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"][:3])
     assert len(exs) == 3 and missing == 0
     for ex, rec in zip(exs, records["train"][:3]):
         text = tok.decode(ex.ids[:ex.prompt_len])
@@ -277,7 +277,6 @@ def test_lora_trains_only_the_adapters_and_the_base_stays_bit_identical(cache_di
 
 
 def test_lora_config_errors_name_the_key():
-    from jaxkd.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.lora_targets"):
         TrainConfig(trainable="lora", lora_targets=("q_proj", "qkv"))
@@ -312,3 +311,29 @@ def test_committed_text_answers_allow_response_kd_only(cache_dir, tok, records):
     soft = RunConfig(**{**text_only.__dict__, "distill": DistillConfig(alpha=0.5)})
     with pytest.raises(FileNotFoundError, match="stage=teacher"):
         K.run_kd(soft, pretrained=_student(tok), records=records, log=lambda s: None, progress=False)
+
+
+def test_answer_rejection_names_why_a_teacher_answer_is_dropped():
+    from types import SimpleNamespace
+
+    rec = {"id": "tws-001", "questions": ["my left earbud is silent, the right one plays fine. how do i fix it?"],
+           "steps": ["Put both earbuds back in the charging case and close the lid for 15 seconds.",
+                     "Press and hold the case button for 10 seconds until the light flashes amber to reset them.",
+                     "Remove the earbuds from your phone's Bluetooth list and pair them again."],
+           "required": [["charging case"], ["reset"]], "safety": ["Do not open the earbuds."]}
+    complete = ("1. Put both earbuds back in the charging case and close the lid for about 15 seconds.\n"
+                "2. Press and hold the button on the case for 10 seconds until the light flashes amber.\n"
+                "3. Remove the earbuds from your phone's Bluetooth list, then pair them again.")
+    vague = "1. Try restarting your phone.\n2. Contact support if it still does not work."
+    unsafe = complete + "\n4. If that fails, pry open the case and check the battery contacts."
+    strict = DistillConfig(drop_truncated=True, min_step_coverage=0.5, drop_unsafe=True)
+    ok, cut = SimpleNamespace(answer=complete, eos_id=7), SimpleNamespace(answer=complete, eos_id=None)
+    assert K.answer_rejection(ok, rec, 0, strict) is None
+    assert K.answer_rejection(cut, rec, 0, strict) == "truncated"
+    assert K.answer_rejection(SimpleNamespace(answer=vague, eos_id=7), rec, 0, strict) == "missing_steps"
+    assert K.answer_rejection(SimpleNamespace(answer=unsafe, eos_id=7), rec, 0, strict) == "unsafe"
+    # every check is off by default: the committed 80-answer run trains on what it always did
+    for entry in (cut, SimpleNamespace(answer=vague, eos_id=7), SimpleNamespace(answer=unsafe, eos_id=7)):
+        assert K.answer_rejection(entry, rec, 0, DistillConfig()) is None
+    with pytest.raises(ConfigError, match="min_step_coverage"):
+        DistillConfig(min_step_coverage=1.5)

@@ -143,10 +143,31 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab: int, chunk_size: int = 2048) -
 # --------------------------------------------------------------------------------------------
 
 
+def answer_rejection(entry: Any, record: Mapping[str, Any], question_index: int,
+                     dist: DistillConfig) -> str | None:
+    """Why a teacher answer should not be trained on under ``dist``'s checks, or None to keep it.
+
+    ``truncated``: cut at max_new_tokens (no end-of-turn token to learn); ``missing_steps``: robust
+    coverage of the record's reference steps below ``min_step_coverage``; ``unsafe``: advice the
+    unsafe-advice rules flag."""
+    if dist.drop_truncated and entry.eos_id is None:
+        return "truncated"
+    if dist.min_step_coverage > 0 or dist.drop_unsafe:
+        from jaxkd.rewards.combine import item_view, rule_scores
+
+        scores = rule_scores(item_view(record, record["questions"][question_index]), entry.answer)
+        if scores["steps"] < dist.min_step_coverage:
+            return "missing_steps"
+        if dist.drop_unsafe and scores["unsafe"]:
+            return "unsafe"
+    return None
+
+
 def load_kd_examples(cfg: RunConfig, split: str, tokenizer: Any, *, need_topk: bool,
-                     records: Sequence[Mapping] | None = None) -> tuple[list[KDExample], int]:
+                     records: Sequence[Mapping] | None = None) -> tuple[list[KDExample], int, dict[str, int]]:
     """Student examples for ``split`` from the teacher cache (or the committed text answers when
-    only response KD is asked for). Returns (examples, prompts without a teacher answer)."""
+    only response KD is asked for). Returns (examples, prompts without a teacher answer, answers
+    dropped by ``cfg.distill``'s checks per reason)."""
     items = teacher_prompts(cfg, split, records=records)
     cache = TeacherCache(cfg.teacher.cache_dir)
     entries = dict(cache.entries())
@@ -160,14 +181,18 @@ def load_kd_examples(cfg: RunConfig, split: str, tokenizer: Any, *, need_topk: b
                 + ("first" if need_topk else f"first, or commit {exported}"))
         entries = load_exported(exported)[1]
         source = None
-    out, missing = [], 0
+    out, missing, dropped = [], 0, {}
     for it in items:
         entry = entries.get(it.key)
         if entry is None:
             missing += 1
             continue
+        reason = answer_rejection(entry, it.record, it.question_index, cfg.distill)
+        if reason is not None:
+            dropped[reason] = dropped.get(reason, 0) + 1
+            continue
         out.append(kd_example(entry, chat_ids(tokenizer, entry.student_messages), source if need_topk else None))
-    return out, missing
+    return out, missing, dropped
 
 
 def trained_system_prompt(examples: Sequence[KDExample]) -> str | None:
@@ -260,14 +285,15 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     top_k = cfg.teacher.top_k if need_topk else 0
 
     recs = records or {}
-    train, miss_t = load_kd_examples(cfg, dc.train_split, tokenizer, need_topk=need_topk,
-                                     records=recs.get(dc.train_split))
-    val, miss_v = (load_kd_examples(cfg, dc.val_split, tokenizer, need_topk=True, records=recs.get(dc.val_split))
-                   if top_k else ([], 0))
+    train, miss_t, drop_t = load_kd_examples(cfg, dc.train_split, tokenizer, need_topk=need_topk,
+                                             records=recs.get(dc.train_split))
+    val, miss_v, drop_v = (load_kd_examples(cfg, dc.val_split, tokenizer, need_topk=True,
+                                            records=recs.get(dc.val_split)) if top_k else ([], 0, {}))
     if cfg.domain_sampling.val_examples:
         val = val[:cfg.domain_sampling.val_examples]
-    log(f"KD data: {len(train)} train examples ({miss_t} prompts without a teacher answer), "
-        f"{len(val)} val examples ({miss_v} without)")
+    log(f"KD data: {len(train)} train examples ({miss_t} prompts without a teacher answer, dropped "
+        f"{sum(drop_t.values())} {drop_t}), {len(val)} val examples ({miss_v} without, dropped "
+        f"{sum(drop_v.values())} {drop_v})")
     if not train:
         raise ValueError("no training examples with teacher answers")
     key = cfg.domain_sampling.key
@@ -339,6 +365,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "steps": tc.steps, "resumed_from": start if resume else None,
         "train_examples": len(train), "val_examples": len(val), "trainable": tc.trainable,
+        "teacher_answers_dropped": {"train": drop_t, "val": drop_v},
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
         "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
     if eval_fn is not None:
@@ -383,6 +410,6 @@ def write_summary(run_dir: Any, summary: Mapping[str, Any]) -> None:
             f"# KD run {run_dir.name}\n\nval: {summary['val']}\n\n" + markdown_table(summary["val_per_domain"]))
 
 
-__all__ = ["KDResult", "final_generation", "kd_loss", "kd_loss_reference", "load_kd_examples", "make_eval_step",
+__all__ = ["KDResult", "answer_rejection", "final_generation", "kd_loss", "kd_loss_reference", "load_kd_examples", "make_eval_step",
            "reweight_domains", "run_kd", "student_hidden", "student_logits", "trained_system_prompt",
            "with_loss_index", "write_summary"]
