@@ -108,11 +108,9 @@ def _publish(cfg: RunConfig) -> None:
 
     from jaxkd.train.metrics import plot_training
 
-    results = Path(os.environ.get("JAXKD_RESULTS_DIR")
-                   or Path(__file__).resolve().parents[2] / "evals" / "results")
-    if not results.parent.is_dir():
+    results = _results_dir()
+    if results is None:
         return
-    results.mkdir(exist_ok=True)
     stem = results / f"kd_{cfg.name}"
     for ext in ("json", "md"):
         src = cfg.run_dir / f"summary.{ext}"
