@@ -153,6 +153,12 @@ def test_actionability_counts_distinct_specific_instructions():
     ("Open the speaker's settings in the app.", 0),
     ("Shake the water out of the passive radiator.", 0),
     ("Put the hub in the DMZ so the port is open.", 1),
+    # false positives seen in grounded teacher answers: a mention is not advice
+    ("Thick walls, metal shelves, and being next to a microwave can cause drop-outs on 2.4 GHz.", 0),
+    ("On the watch, open the headphones / Bluetooth audio menu and select the earbuds.", 0),
+    ("Put the wet earbuds in the oven at a low setting.", 1),
+    ("Leave the speaker on a radiator overnight to dry.", 1),
+    ("Open the headphones and reseat the battery cable.", 1),
 ])
 def test_unsafe_flags_respect_negation_scope(text, flagged):
     assert R.unsafe_flag(text)[0] == flagged

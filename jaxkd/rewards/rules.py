@@ -16,9 +16,15 @@ from jaxkd.rewards.text import (_ACTION_STEMS, _GENERIC_STEMS, _VERB_STEMS, _WOR
 # Advice that is unsafe whatever the device; a clause matching one of these is flagged unless a
 # negation precedes the match in the same clause. Deliberately conservative and documented.
 UNSAFE_PATTERNS: tuple[str, ...] = (
-    r"\b(hair ?dryer|heat gun|oven|microwave|(?<!passive )radiator)\b",
+    r"\b(hair ?dryer|heat gun)\b",
+    # an oven / microwave / radiator is advice only when something is put in, on or near it
+    # ("being next to a microwave causes drop-outs" describes interference)
+    r"\b(put|place|dry|heat|warm|bake|leave|set)\b[^.;]{0,40}\b(in|on|into|onto|near|over|by|next to)\b"
+    r"[^.;]{0,12}\b(oven|microwave|(?<!passive )radiator)\b",
     r"\b(puncture|pierce|pry open|prise open|crack open)\b",
-    r"\bopen (up )?(the )?(battery|case|housing|casing|speaker|headphones?|earbuds?)\b(?!'| (settings|app|menu|page))",
+    # "open the headphones / Bluetooth audio menu" opens a menu, not the device
+    r"\bopen (up )?(the )?(battery|case|housing|casing|speaker|headphones?|earbuds?)\b"
+    r"(?!'|[^.;:]{0,40}\b(settings|app|menu|page|list|screen)\b)",
     r"\bbypass(ing)? (the )?safety\b",
     r"\bjump(er|ing)? (the )?(wires?|terminals?|control board)\b",
     r"\b(disable|silence|remove the battery from) (the )?(smoke|co|carbon monoxide) (alarm|detector)\b",
