@@ -50,20 +50,27 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-# Where one config's caches live: <cache_dir>/<tag>/*.jsonl and <cache_dir>/manifest.json (per
-# tag, the cache keys of its last run: all the report needs to find its rows).
+# Where one config's caches live: <cache_dir>/<tag>/*.jsonl (rows keyed by content, shared by
+# every config that evaluates the same model) and <cache_dir>/manifest_<config name>.json (per
+# tag, the cache keys of that config's last run: all its report needs to find its rows). One
+# manifest per config: two configs that share a tag on different items must not overwrite each
+# other's entry.
 
 def model_dir(cfg: Any, tag: str) -> Path:
     return Path(cfg.cache_dir) / tag
 
 
+def manifest_path(cfg: Any) -> Path:
+    return Path(cfg.cache_dir) / f"manifest_{cfg.name}.json"
+
+
 def read_manifest(cfg: Any) -> dict[str, Any]:
-    path = Path(cfg.cache_dir) / "manifest.json"
+    path = manifest_path(cfg)
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def update_manifest(cfg: Any, tag: str, entry: Mapping[str, Any]) -> None:
-    path = Path(cfg.cache_dir) / "manifest.json"
+    path = manifest_path(cfg)
     data = read_manifest(cfg)
     data[tag] = entry
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,5 +201,5 @@ def throughput(loaded: Any, prompts: Sequence[Sequence[int]], *, batch_sizes: Se
 
 
 __all__ = ["GEN_VERSION", "JsonlCache", "cache_key", "count_params", "generate_missing", "machine_info", "model_dir",
-           "read_manifest", "update_manifest",
+           "manifest_path", "read_manifest", "update_manifest",
            "peak_rss_gib", "perplexity", "text_token_ids", "throughput", "now"]

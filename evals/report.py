@@ -1,6 +1,6 @@
 """The evaluation report, built from the caches of ``evals.run`` alone (no model is loaded).
 
-``build_report(cfg, items)`` reads ``<cache_dir>/manifest.json`` (which cache rows the last run of
+``build_report(cfg, items)`` reads ``<cache_dir>/manifest_<name>.json`` (which cache rows the last run of
 each model produced) and the JSONL caches, rescores every answer with ``jaxkd.rewards`` (the
 scorers are cheap and deterministic, so a scorer fix shows up on the next rebuild), and writes
 ``<results_dir>/<name>.md``, ``.json`` and ``<name>_domain.png`` / ``<name>_failures.png``.
@@ -139,7 +139,7 @@ class StaleCache(RuntimeError):
 def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
     """Per tag: scored domain items, sanity items, perplexity, efficiency, judge scores and the
     manifest entry, all from the caches."""
-    from evals.measure import JsonlCache, model_dir, read_manifest
+    from evals.measure import JsonlCache, manifest_path, model_dir, read_manifest
     from jaxkd.data.general import load_sanity_qa
 
     manifest = read_manifest(cfg)
@@ -152,7 +152,7 @@ def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
     for m in cfg.models:
         e = manifest.get(m.tag)
         if e is None:
-            raise StaleCache(f"no cached run of model {m.tag!r} in {cfg.cache_dir}/manifest.json; {rerun}")
+            raise StaleCache(f"no cached run of model {m.tag!r} in {manifest_path(cfg)}; {rerun}")
         if (e["model"], e["grounding"]) != (m.model, m.grounding):
             raise StaleCache(f"{m.tag}: the cache holds {e['model']} (grounding {e['grounding']}), the config asks "
                              f"for {m.model} (grounding {m.grounding}); {rerun}")

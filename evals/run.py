@@ -20,7 +20,7 @@ language 0-5. ``evals.report`` writes ``<results_dir>/<name>.{md,json}`` and plo
 
 Caches (``cache_dir``/<tag>/*.jsonl) are keyed by the weights identity (``evals.identity``: a
 hash of file metadata, the packaged asset's sha256, a run's step and run.json) plus the prompt and
-the decoding settings; ``cache_dir/manifest.json`` records, per tag, the keys of the last run, and
+the decoding settings; ``cache_dir/manifest_<name>.json`` records, per tag, the keys of the last run, and
 is all ``--report-only`` needs besides the caches (no model is loaded).
 """
 

@@ -286,6 +286,21 @@ def test_report_fails_clearly_when_the_cache_does_not_match_the_config(evaluated
         build_report(other, ITEMS)
 
 
+def test_configs_sharing_a_tag_keep_their_own_manifest(evaluated):
+    """A second config evaluating the same tag on other items shares the answer rows but must not
+    replace the first config's manifest entry (its report would then read the wrong items)."""
+    tmp, cfg, loader, identity, _, entries = evaluated
+    from evals.measure import read_manifest
+    from evals.report import build_report
+
+    other = _cfg(tmp, name="rep_subset")
+    sub = run_model(other, other.models[0], ITEMS[:4], loader=loader, identity=identity, log=lambda s: None)
+    assert read_manifest(other)["a"]["domain_keys"] == sub["domain_keys"]
+    assert read_manifest(cfg)["a"]["domain_keys"] == entries["a"]["domain_keys"]
+    assert set(sub["domain_keys"].values()) <= set(entries["a"]["domain_keys"].values())  # rows reused
+    build_report(cfg, ITEMS)   # the first config's report still finds all of its 8 items
+
+
 def test_judge_scores_are_cached_per_answer_and_reported(evaluated):
     tmp, cfg, *_ = evaluated
     from jaxkd.judge import CRITERIA, Criterion, Verdicts
@@ -341,7 +356,7 @@ def test_failure_flags_on_hand_written_answers():
     assert "verbosity" in flags(good + " " + " ".join(["Make sure the earbuds are charged and close by."] * 8))
 
 
-@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml"])
+@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml"])
 def test_committed_eval_configs_name_real_presets_and_the_baseline_first(name):
     from jaxkd.config import CONFIG_DIR, load_model_spec
 
