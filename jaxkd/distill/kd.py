@@ -294,6 +294,11 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     log(f"KD data: {len(train)} train examples ({miss_t} prompts without a teacher answer, dropped "
         f"{sum(drop_t.values())} {drop_t}), {len(val)} val examples ({miss_v} without, dropped "
         f"{sum(drop_v.values())} {drop_v})")
+    cut = sum(len(ex.ids) > tc.max_len for ex in train)
+    if cut:
+        log(f"warning: {cut} of {len(train)} train examples are longer than train.max_len={tc.max_len} "
+            f"(longest {max(len(ex.ids) for ex in train)} tokens): their answers are cut, so the student "
+            "never sees their end-of-turn token; raise train.max_len")
     if not train:
         raise ValueError("no training examples with teacher answers")
     key = cfg.domain_sampling.key
@@ -366,6 +371,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         "run_dir": str(run_dir), "steps": tc.steps, "resumed_from": start if resume else None,
         "train_examples": len(train), "val_examples": len(val), "trainable": tc.trainable,
         "teacher_answers_dropped": {"train": drop_t, "val": drop_v},
+        "train_examples_cut_by_max_len": sum(len(ex.ids) > tc.max_len for ex in train),
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
         "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
     if eval_fn is not None:
