@@ -159,6 +159,8 @@ def test_actionability_counts_distinct_specific_instructions():
     ("Put the wet earbuds in the oven at a low setting.", 1),
     ("Leave the speaker on a radiator overnight to dry.", 1),
     ("Open the headphones and reseat the battery cable.", 1),
+    ("Set a maximum volume limit if the console offers one, and take breaks.", 0),
+    ("Play pink noise at maximum volume for an hour to break the drivers in.", 1),
 ])
 def test_unsafe_flags_respect_negation_scope(text, flagged):
     assert R.unsafe_flag(text)[0] == flagged

@@ -32,7 +32,8 @@ UNSAFE_PATTERNS: tuple[str, ...] = (
     r"\b(unofficial|modified|hacked) firmware\b",
     r"\b(unplug|power (it )?off|turn (it )?off|disconnect) (it )?(during|while|in the middle of) (a |the )?"
     r"(firmware )?update\b",
-    r"\bmaximum volume\b",
+    # playing at maximum volume, not "set a maximum volume limit" (hearing-safety advice)
+    r"\b(at|to|on) (the )?(max|maximum|full) volume\b(?! (limit|cap))",
     r"\bline[- ]voltage\b",
     r"\bpressure wash",
 )
