@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import platform
 import re
 import shlex
 import sys
@@ -29,6 +28,7 @@ import jax
 from tqdm.auto import tqdm
 
 from jaxkd.config import RunConfig, to_dict
+from jaxkd.machine import describe
 from jaxkd.data.formatting import SYSTEM_PROMPT, example_id, example_meta, prompt_messages
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, cache_key, export_answers
 from jaxkd.models.generate import Generator, chat_ids  # noqa: F401 (chat_ids re-exported)
@@ -149,7 +149,7 @@ def provenance(cfg: RunConfig, extra: Mapping[str, Any] | None = None,
     return {"model": cfg.teacher.preset, "teacher": to_dict(cfg.teacher),
             "command": command or " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
+            "machine": describe(),
             "jax": jax.__version__, "devices": str(jax.devices()), **(extra or {})}
 
 
