@@ -165,3 +165,24 @@ def test_grain_kd_pipeline_resumes_exactly_across_a_reweighting():
     ref = kd_batch([exs[i] for i in idx], 16, 2)
     for k in ref:
         np.testing.assert_array_equal(after[0][k][0], ref[k])
+
+
+def test_val_curve_merges_sampler_passes_names_the_best_step_and_is_plotted(tmp_path):
+    from jaxkd.train.metrics import plot_training, read_metrics, val_curve, val_curve_markdown
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(0, {"reweight/val_kl": 2.3, "reweight/weights": {"a": 0.5, "b": 0.5}})
+    for step in range(1, 41):
+        logger.log(step, {"train/loss": 3.0 - step / 40, "train/kd": 2.0, "train/ce": 1.0})
+    logger.log(15, {"reweight/val_kl": 2.2, "reweight/weights": {"a": 0.6, "b": 0.4}})
+    logger.log(20, {"val/kl": 2.0, "val/ce": 2.5, "val/token_accuracy": 0.5})
+    logger.log(40, {"val/kl": 2.1, "val/ce": 2.6, "val/token_accuracy": 0.52})
+    logger.close()
+    curve = val_curve(read_metrics(tmp_path / "metrics.jsonl"))
+    assert [p["step"] for p in curve] == [0, 15, 20, 40]
+    assert curve[0] == {"step": 0, "kl": 2.3} and curve[2]["ce"] == 2.5
+    md = val_curve_markdown(curve)
+    assert "Lowest val KL 2.000 at step 20" in md and "| 0 | 2.300 |  |  |" in md
+    plot_training(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert val_curve_markdown([]) == ""

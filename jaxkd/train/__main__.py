@@ -106,17 +106,21 @@ def _publish(cfg: RunConfig) -> None:
     """Copy the run's summary and a loss / domain-weight plot to evals/results/kd_<name>.*"""
     import shutil
 
-    from jaxkd.train.metrics import plot_training
+    from jaxkd.train.metrics import plot_training, read_metrics, val_curve, val_curve_markdown
 
     results = _results_dir()
     if results is None:
         return
     stem = results / f"kd_{cfg.name}"
-    for ext in ("json", "md"):
-        src = cfg.run_dir / f"summary.{ext}"
-        if src.exists():
-            shutil.copy(src, stem.with_suffix(f".{ext}"))
-    plot_training(cfg.run_dir / "metrics.jsonl", stem.with_suffix(".png"))
+    src = cfg.run_dir / "summary.json"
+    if src.exists():
+        shutil.copy(src, stem.with_suffix(".json"))
+    metrics = cfg.run_dir / "metrics.jsonl"
+    md = cfg.run_dir / "summary.md"
+    if md.exists():
+        curve = val_curve(read_metrics(metrics)) if metrics.exists() else []
+        stem.with_suffix(".md").write_text(md.read_text() + ("\n" + val_curve_markdown(curve) if curve else ""))
+    plot_training(metrics, stem.with_suffix(".png"))
 
 
 def main(argv: list[str] | None = None) -> int:

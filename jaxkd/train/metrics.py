@@ -114,8 +114,37 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str = "domain",
     return "\n".join(lines) + "\n"
 
 
-def plot_training(metrics_jsonl: str | Path, png: str | Path) -> None:
-    """Train loss / KD / CE curves and the domain weights at each re-weighting, one PNG."""
+def val_curve(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """``[{"step", "kl", "ce"?, "token_accuracy"?}]`` by step: the val evaluations (``val/*``) and the
+    domain sampler's val passes (``reweight/val_kl``, the same mean val KL; at step 0 it is the
+    student before training)."""
+    by_step: dict[int, dict[str, float]] = {}
+    for r in rows:
+        point = {k[4:]: float(v) for k, v in r.items() if k.startswith("val/") and isinstance(v, (int, float))}
+        if "reweight/val_kl" in r:
+            point.setdefault("kl", float(r["reweight/val_kl"]))
+        if point:
+            by_step.setdefault(int(r["step"]), {"step": int(r["step"])}).update(point)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def val_curve_markdown(curve: Sequence[Mapping[str, float]]) -> str:
+    """The val curve as a table, with the step of the lowest val KL named."""
+    if not curve:
+        return ""
+    cols = [c for c in ("kl", "ce", "token_accuracy") if any(c in p for p in curve)]
+    lines = ["| step | " + " | ".join(f"val {c}" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for p in curve:
+        lines.append(f"| {p['step']} | " + " | ".join(f"{p[c]:.3f}" if c in p else "" for c in cols) + " |")
+    best = min(curve, key=lambda p: p["kl"])
+    return (f"## Val curve\n\nLowest val KL {best['kl']:.3f} at step {best['step']} (first: {curve[0]['kl']:.3f} at "
+            f"step {curve[0]['step']}, last: {curve[-1]['kl']:.3f} at step {curve[-1]['step']}). Step-0 and "
+            "every-N-step KL points without CE come from the domain sampler's val passes.\n\n" + "\n".join(lines) + "\n")
+
+
+def plot_training(metrics_jsonl: str | Path, png: str | Path, smooth: int = 15) -> None:
+    """Train loss (per step, and its ``smooth``-step moving mean), the val curve, and the domain
+    weights at each re-weighting, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,17 +153,39 @@ def plot_training(metrics_jsonl: str | Path, png: str | Path) -> None:
     rows = read_metrics(metrics_jsonl)
     train = [r for r in rows if "train/loss" in r]
     rw = [r for r in rows if "reweight/weights" in r]
-    fig, axes = plt.subplots(1, 2 if rw else 1, figsize=(10 if rw else 5, 3.5), squeeze=False)
-    ax = axes[0, 0]
-    for key in ("train/loss", "train/kd", "train/ce"):
+    curve = val_curve(rows)
+    panels = 1 + bool(curve) + bool(rw)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.5), squeeze=False)
+    ax, col = axes[0, 0], 0
+    for key, color in (("train/loss", "C0"), ("train/kd", "C1"), ("train/ce", "C2")):
         pts = [(r["step"], r[key]) for r in train if key in r]
-        if pts:
-            ax.plot(*zip(*pts), label=key.split("/")[1])
+        if not pts:
+            continue
+        steps, vals = map(np.asarray, zip(*pts))
+        ax.plot(steps, vals, color=color, alpha=0.25, lw=0.8)
+        if len(vals) >= smooth:
+            ma = np.convolve(vals, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(steps[smooth - 1:], ma, color=color, label=f"{key.split('/')[1]} ({smooth}-step mean)")
+        else:
+            ax.plot(steps, vals, color=color, label=key.split("/")[1])
     ax.set_xlabel("step")
     ax.set_title("KD training loss")
     ax.legend(fontsize=8)
+    if curve:
+        col += 1
+        ax = axes[0, col]
+        for key, marker in (("kl", "o"), ("ce", "s")):
+            pts = [(p["step"], p[key]) for p in curve if key in p]
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, label=f"val {key}")
+        best = min(curve, key=lambda p: p["kl"])
+        ax.axvline(best["step"], color="grey", ls=":", lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(f"val curve (lowest KL at step {best['step']})")
+        ax.legend(fontsize=8)
     if rw:
-        ax = axes[0, 1]
+        col += 1
+        ax = axes[0, col]
         names = sorted(rw[0]["reweight/weights"])
         for d in names:
             ax.plot([r["step"] for r in rw], [r["reweight/weights"][d] for r in rw], marker="o", label=d)
