@@ -449,6 +449,7 @@ class DistillConfig:
     drop_truncated: bool = False     # cut at max_new_tokens: the student would never learn to stop
     min_step_coverage: float = 0.0   # robust coverage of the record's reference steps (0-1)
     drop_unsafe: bool = False        # advice the unsafe-advice rules flag
+    drop_leaked_notes: bool = False  # grounded teacher pointing at its hidden notes ("in the reference steps")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_step_coverage <= 1.0:

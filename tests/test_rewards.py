@@ -166,6 +166,20 @@ def test_unsafe_flags_respect_negation_scope(text, flagged):
     assert R.unsafe_flag(text)[0] == flagged
 
 
+@pytest.mark.parametrize("text, mentions", [
+    # seen in grounded teacher answers (the notes are in the teacher's context only)
+    ("1. **Use the supplied USB dongle**: This is already recommended in the reference steps.", ["reference steps"]),
+    ("If the voice profile is wrong, follow the steps in the Reference Notes to train it.", ["reference notes"]),
+    ("As the notes say, hold the button for 10 seconds.", ["the notes say"]),
+    # ordinary troubleshooting language
+    ("Note the exact network name and password before you reset the router.", []),
+    ("Connect the headphones with the provided charging cable.", []),
+    ("Follow the steps in the app to pair the earbuds again.", []),
+])
+def test_hidden_notes_mentions(text, mentions):
+    assert R.hidden_notes_mentions(text) == mentions
+
+
 # -- items ----------------------------------------------------------------------------------
 
 

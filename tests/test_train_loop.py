@@ -3,6 +3,7 @@ re-weighting, batch alignment, sharded == single device."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import types
 
@@ -332,6 +333,11 @@ def test_answer_rejection_names_why_a_teacher_answer_is_dropped():
     assert K.answer_rejection(cut, rec, 0, strict) == "truncated"
     assert K.answer_rejection(SimpleNamespace(answer=vague, eos_id=7), rec, 0, strict) == "missing_steps"
     assert K.answer_rejection(SimpleNamespace(answer=unsafe, eos_id=7), rec, 0, strict) == "unsafe"
+    leaked = complete.replace("again.", "again, as the reference steps say.")
+    assert K.answer_rejection(SimpleNamespace(answer=leaked, eos_id=7), rec, 0, strict) is None
+    notes = dataclasses.replace(strict, drop_leaked_notes=True)
+    assert K.answer_rejection(SimpleNamespace(answer=leaked, eos_id=7), rec, 0, notes) == "leaked_notes"
+    assert K.answer_rejection(ok, rec, 0, notes) is None
     # every check is off by default: the committed 80-answer run trains on what it always did
     for entry in (cut, SimpleNamespace(answer=vague, eos_id=7), SimpleNamespace(answer=unsafe, eos_id=7)):
         assert K.answer_rejection(entry, rec, 0, DistillConfig()) is None

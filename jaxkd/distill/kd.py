@@ -149,9 +149,15 @@ def answer_rejection(entry: Any, record: Mapping[str, Any], question_index: int,
 
     ``truncated``: cut at max_new_tokens (no end-of-turn token to learn); ``missing_steps``: robust
     coverage of the record's reference steps below ``min_step_coverage``; ``unsafe``: advice the
-    unsafe-advice rules flag."""
+    unsafe-advice rules flag; ``leaked_notes``: the answer refers to the grounded teacher's notes,
+    which the student's user never sees."""
     if dist.drop_truncated and entry.eos_id is None:
         return "truncated"
+    if dist.drop_leaked_notes:
+        from jaxkd.rewards.rules import hidden_notes_mentions
+
+        if hidden_notes_mentions(entry.answer):
+            return "leaked_notes"
     if dist.min_step_coverage > 0 or dist.drop_unsafe:
         from jaxkd.rewards.combine import item_view, rule_scores
 

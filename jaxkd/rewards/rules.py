@@ -244,3 +244,14 @@ def unsafe_flag(answer: str) -> tuple[int, list[str]]:
                 hits.append(sentence.strip())
                 break
     return int(bool(hits)), hits
+
+
+# The grounded teacher sees reference notes the user never does; an answer that points at them
+# ("this is already recommended in the reference steps") is talking about text that is not there.
+_HIDDEN_NOTES = re.compile(r"\b(?:reference|provided|given|verified|hidden) (?:notes?|steps)\b"
+                           r"|\b(?:these|the) notes (?:say|said|mention|above|provided|given)\b")
+
+
+def hidden_notes_mentions(answer: str) -> list[str]:
+    """The phrases of ``answer`` that refer to notes or reference steps the reader cannot see."""
+    return [m.group(0) for m in _HIDDEN_NOTES.finditer(normalise(answer))]
