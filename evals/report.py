@@ -148,7 +148,7 @@ def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
     if cfg.retention.sanity_limit:
         sanity = sanity[:cfg.retention.sanity_limit]
     res: dict[str, dict] = {}
-    rerun = f"run `python -m evals.run --config <this config>` (it regenerates only what is missing)"
+    rerun = "run `python -m evals.run --config <this config>` (it regenerates only what is missing)"
     for m in cfg.models:
         e = manifest.get(m.tag)
         if e is None:
@@ -207,6 +207,41 @@ def _ci(cfg: Any, values: Sequence[float], groups: Sequence[str], level: float |
     return {"mean": mean, "ci": [lo, hi], "n": int(np.isfinite(np.asarray(values, float)).sum())}
 
 
+def _paired_row(cfg: Any, res: Mapping[str, dict], ref: str, t: str, paired_metrics: Sequence[str],
+                ret_metrics: Sequence[str], adj: float) -> dict[str, Any]:
+    """``t`` minus ``ref`` on the items (and sanity prompts, perplexity blocks) both answered:
+    the difference, its record-level bootstrap interval, and the Bonferroni-adjusted one."""
+    kw = dict(n=cfg.bootstrap_resamples, seed=cfg.seed)
+    row: dict[str, Any] = {}
+    a = {d["id"]: d for d in res[ref]["domain"]}
+    common = [d for d in res[t]["domain"] if d["id"] in a]
+    for k in paired_metrics:
+        xa, xb, g = [a[d["id"]].get(k, np.nan) for d in common], [d.get(k, np.nan) for d in common], \
+            [d["record_id"] for d in common]
+        mean, lo, hi, n = paired_record_diff(xa, xb, g, level=cfg.level, **kw)
+        _, alo, ahi, _ = paired_record_diff(xa, xb, g, level=adj, **kw)
+        row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": n}
+    for k in ret_metrics:
+        if k == "ppl_nll":
+            pa, pb = res[ref]["ppl"], res[t]["ppl"]
+            if pa["token_ids_sha256"] != pb["token_ids_sha256"]:
+                row[k] = {"diff": pb["nll_sum"] / pb["n_tokens"] - pa["nll_sum"] / pa["n_tokens"], "ci": None,
+                          "ci_adjusted": None, "n": None, "note": "different tokenizers: not paired"}
+                continue
+            ba, bb = np.asarray(pa["blocks"], float), np.asarray(pb["blocks"], float)
+            mean, lo, hi = cluster_ratio_ci(bb[:, 0] - ba[:, 0], ba[:, 1], level=cfg.level, **kw)
+            _, alo, ahi = cluster_ratio_ci(bb[:, 0] - ba[:, 0], ba[:, 1], level=adj, **kw)
+            row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": int(ba[:, 1].sum())}
+        else:
+            sa = {x["id"]: x for x in res[ref]["sanity"]}
+            cm = [x for x in res[t]["sanity"] if x["id"] in sa]
+            xa, xb, g = [sa[x["id"]][k] for x in cm], [x[k] for x in cm], [x["id"] for x in cm]
+            mean, lo, hi, n = paired_record_diff(xa, xb, g, level=cfg.level, **kw)
+            _, alo, ahi, _ = paired_record_diff(xa, xb, g, level=adj, **kw)
+            row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": n}
+    return row
+
+
 def summarise(cfg: Any, res: Mapping[str, dict]) -> dict[str, Any]:
     tags = [m.tag for m in cfg.models]
     base = cfg.baseline
@@ -243,44 +278,18 @@ def summarise(cfg: Any, res: Mapping[str, dict]) -> dict[str, Any]:
         out["retention"][t] = ret
         counts = Counter(f for d in dom for f, on in d["failures"].items() if on)
         out["failures"][t] = {f: counts.get(f, 0) for f in FAILURES} | {"answers": len(dom)}
-    # paired differences vs the baseline
+    # paired differences: every model vs the baseline, then the configured contrasts
     paired_metrics = list(PAIRED_DOMAIN) + ([m for m in JUDGE_METRICS] if judged else [])
     ret_metrics = [k for k in PAIRED_RETENTION if all(k in out["retention"][t] for t in tags)]
     others = [t for t in tags if t != base]
-    m_total = len(others) * (len(paired_metrics) + len(ret_metrics))
+    pairs = [(base, t) for t in others] + [(c.vs, c.model) for c in cfg.contrasts]
+    m_total = len(pairs) * (len(paired_metrics) + len(ret_metrics))
     out["comparisons"] = m_total
     adj = bonferroni_level(cfg.level, m_total) if m_total else cfg.level
     out["bonferroni_level"] = adj
-    kw = dict(n=cfg.bootstrap_resamples, seed=cfg.seed)
-    for t in others:
-        row: dict[str, Any] = {}
-        a = {d["id"]: d for d in res[base]["domain"]}
-        common = [d for d in res[t]["domain"] if d["id"] in a]
-        for k in paired_metrics:
-            xa, xb, g = [a[d["id"]].get(k, np.nan) for d in common], [d.get(k, np.nan) for d in common], \
-                [d["record_id"] for d in common]
-            mean, lo, hi, n = paired_record_diff(xa, xb, g, level=cfg.level, **kw)
-            _, alo, ahi, _ = paired_record_diff(xa, xb, g, level=adj, **kw)
-            row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": n}
-        for k in ret_metrics:
-            if k == "ppl_nll":
-                pa, pb = res[base]["ppl"], res[t]["ppl"]
-                if pa["token_ids_sha256"] != pb["token_ids_sha256"]:
-                    row[k] = {"diff": pb["nll_sum"] / pb["n_tokens"] - pa["nll_sum"] / pa["n_tokens"], "ci": None,
-                              "ci_adjusted": None, "n": None, "note": "different tokenizers: not paired"}
-                    continue
-                ba, bb = np.asarray(pa["blocks"], float), np.asarray(pb["blocks"], float)
-                mean, lo, hi = cluster_ratio_ci(bb[:, 0] - ba[:, 0], ba[:, 1], level=cfg.level, **kw)
-                _, alo, ahi = cluster_ratio_ci(bb[:, 0] - ba[:, 0], ba[:, 1], level=adj, **kw)
-                row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": int(ba[:, 1].sum())}
-            else:
-                sa = {x["id"]: x for x in res[base]["sanity"]}
-                cm = [x for x in res[t]["sanity"] if x["id"] in sa]
-                xa, xb, g = [sa[x["id"]][k] for x in cm], [x[k] for x in cm], [x["id"] for x in cm]
-                mean, lo, hi, n = paired_record_diff(xa, xb, g, level=cfg.level, **kw)
-                _, alo, ahi, _ = paired_record_diff(xa, xb, g, level=adj, **kw)
-                row[k] = {"diff": mean, "ci": [lo, hi], "ci_adjusted": [alo, ahi], "n": n}
-        out["paired"][t] = row
+    rows = {pair: _paired_row(cfg, res, *pair, paired_metrics, ret_metrics, adj) for pair in pairs}
+    out["paired"] = {t: rows[(base, t)] for t in others}
+    out["contrasts"] = [{"model": c.model, "vs": c.vs, "diffs": rows[(c.vs, c.model)]} for c in cfg.contrasts]
     return out
 
 
@@ -394,16 +403,26 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
         cells = [_fmt(summ["domain"][t][k], 1 if k in ("words",) or k.startswith("judge") else 3) for k in metrics]
         L.append(f"| {t} | {summ['domain'][t]['steps']['n']} | " + " | ".join(cells) + " |")
     others = [t for t in tags if t != cfg.baseline]
+    contrasts = summ.get("contrasts", [])
+    n_pairs = len(others) + len(contrasts)
+    pm = list(PAIRED_DOMAIN) + (list(JUDGE_METRICS) if cfg.judge.enabled else [])
     if others:
         L += ["", f"### Paired differences vs `{cfg.baseline}` (same items; record-level bootstrap)", "",
-              f"{summ['comparisons']} comparisons in the paired tables (domain and retention): {len(others)} "
-              f"model(s) x {summ['comparisons'] // max(len(others), 1)} metrics. Each cell: difference [unadjusted "
+              f"{summ['comparisons']} comparisons in the paired tables (domain and retention): "
+              + (f"{n_pairs} pairs of models ({len(others)} vs the baseline, {len(contrasts)} contrast(s) below)"
+                 if contrasts else f"{len(others)} model(s)")
+              + f" x {summ['comparisons'] // max(n_pairs, 1)} metrics. Each cell: difference [unadjusted "
               f"{cfg.level:.0%} CI] (adj. [Bonferroni {summ['bonferroni_level']:.4f} CI]); * = the adjusted "
               "interval excludes 0.", ""]
-        pm = list(PAIRED_DOMAIN) + (list(JUDGE_METRICS) if cfg.judge.enabled else [])
         L += ["| model | " + " | ".join(pm) + " |", "|---|" + "---|" * len(pm)]
         for t in others:
             L.append(f"| {t} | " + " | ".join(_fmt_diff(summ["paired"][t].get(k)) for k in pm) + " |")
+    if contrasts:
+        L += ["", "### Contrasts (ablations: the model minus the run it varies; same items, intervals as above)", "",
+              "| model - vs | " + " | ".join(pm) + " |", "|---|" + "---|" * len(pm)]
+        for c in contrasts:
+            L.append(f"| `{c['model']}` - `{c['vs']}` | " + " | ".join(_fmt_diff(c["diffs"].get(k)) for k in pm)
+                     + " |")
     # breakdowns
     cats_all = sorted({c for t in tags for c in summ["per_category"][t]})
     L += ["", "### Per category (step coverage mean [record-bootstrap CI]; items / records)", "",
@@ -450,6 +469,9 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
                   "| model | " + " | ".join(rm) + " |", "|---|" + "---|" * len(rm)]
             for t in others:
                 L.append(f"| {t} | " + " | ".join(_fmt_diff(summ["paired"][t].get(k)) for k in rm) + " |")
+            for c in contrasts:
+                L.append(f"| `{c['model']}` - `{c['vs']}` | " + " | ".join(_fmt_diff(c["diffs"].get(k)) for k in rm)
+                         + " |")
     else:
         L.append("Not run (retention.perplexity and retention.sanity off).")
     # failures

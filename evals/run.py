@@ -27,7 +27,6 @@ is all ``--report-only`` needs besides the caches (no model is loaded).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shlex
 import subprocess
@@ -64,6 +63,15 @@ class EvalModel:
             raise ConfigError(f"models: tag {self.tag!r} may only hold letters, digits, '_', '.', '-'")
         if not self.model:
             raise ConfigError(f"models.{self.tag}.model is empty: give a preset, run dir, .gguf or HF dir")
+
+
+@_frozen
+class Contrast:
+    """A paired comparison besides the baseline's: ``model`` minus ``vs`` on the same items (an
+    ablation against the run it varies)."""
+
+    model: str
+    vs: str
 
 
 @_frozen
@@ -147,6 +155,7 @@ class EvalConfig:
     level: float = 0.95
     seed: int = 0
     notes: tuple[str, ...] = ()                   # printed under "Notes" in the report (observations)
+    contrasts: tuple[Contrast, ...] = ()          # extra paired comparisons (counted in the Bonferroni m)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -157,6 +166,11 @@ class EvalConfig:
             raise ConfigError(f"models: tags must be unique, repeated: {dup}")
         if self.baseline not in tags:
             raise ConfigError(f"baseline {self.baseline!r} is not a model tag; tags: {tags}")
+        for c in self.contrasts:
+            bad = [t for t in (c.model, c.vs) if t not in tags]
+            if bad or c.model == c.vs:
+                raise ConfigError(f"contrasts: {{model: {c.model}, vs: {c.vs}}} needs two different model tags"
+                                  + (f"; not tags: {bad}" if bad else "") + f"; tags: {tags}")
         if not _TAG.match(self.name):
             raise ConfigError(f"name {self.name!r} may only hold letters, digits, '_', '.', '-'")
         if self.batch_size <= 0 or self.max_seq_len <= self.sampling.max_new_tokens:
@@ -434,7 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             unknown = [t for t in args.tags if t not in {m.tag for m in cfg.models}]
             if unknown:
                 raise ConfigError(f"--tags {unknown}: not model tags of {args.config}")
-            cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.tag in args.tags))
+            cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m.tag in args.tags),
+                                      contrasts=tuple(c for c in cfg.contrasts
+                                                      if {c.model, c.vs} <= set(args.tags)))
         judge_name = cfg.judge_model() if cfg.judge.enabled else None
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

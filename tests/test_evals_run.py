@@ -137,6 +137,9 @@ BASE_CFG = {"baseline": "a", "models": [{"tag": "a", "model": "tiny-a"}, {"tag":
     ({"items": {"split": "dev"}}, "items.split: 'dev' is not allowed; allowed values: ['train', 'val', 'test']"),
     ({"judge": {"enabled": True, "model": "tiny-b"}}, "judge.model 'tiny-b' is also under test (['b'])"),
     ({"sampling": {"max_new_tokens": 2000}}, "max_seq_len (1024) > sampling.max_new_tokens (2000)"),
+    ({"contrasts": [{"model": "b", "vs": "c"}]}, "contrasts: {model: b, vs: c} needs two different model tags; "
+                                                 "not tags: ['c']"),
+    ({"contrasts": [{"model": "b", "vs": "b"}]}, "needs two different model tags; tags: ['a', 'b']"),
 ])
 def test_config_errors_name_the_key_and_what_is_allowed(patch, message):
     with pytest.raises(ConfigError) as e:
@@ -273,6 +276,23 @@ def test_report_rebuilds_from_caches_without_a_model(evaluated, monkeypatch):
     # a rebuild gives the same report, from the caches alone
     md.unlink()
     assert build_report(cfg, ITEMS, config_path="e.yaml").read_text() == first
+
+
+def test_contrasts_are_paired_both_ways_and_counted_in_the_bonferroni_m(evaluated):
+    tmp, cfg, *_ = evaluated
+    from evals.report import build_report
+
+    with_contrast = _cfg(tmp, results_dir=str(tmp / "contrast"), contrasts=[{"model": "a", "vs": "b"}])
+    md = build_report(with_contrast, ITEMS, config_path="e.yaml").read_text()
+    s = json.loads((tmp / "contrast" / "rep.json").read_text())["summary"]
+    assert s["comparisons"] == 2 * (3 + 4)
+    (c,) = s["contrasts"]
+    assert (c["model"], c["vs"]) == ("a", "b")
+    for k in ("steps", "required", "language", "sanity_rougeL", "ppl_nll"):
+        ab, ba = c["diffs"][k], s["paired"]["b"][k]   # a - b against b - a, same resamples
+        assert ab["diff"] == pytest.approx(-ba["diff"], abs=1e-12)
+        assert ab["ci_adjusted"] == pytest.approx([-ba["ci_adjusted"][1], -ba["ci_adjusted"][0]], abs=1e-9)
+    assert "### Contrasts" in md and "| `a` - `b` |" in md and "14 comparisons in the paired tables (domain and retention): 2 pairs of models (1 vs the baseline, 1 contrast(s) below) x 7 metrics" in md
 
 
 def test_report_fails_clearly_when_the_cache_does_not_match_the_config(evaluated):
