@@ -8,7 +8,8 @@ retrained in place; hashing gigabytes of weights on every call is too slow on a 
                     file against them), plus the preset's dtypes
   .gguf file        file name, size and mtime (ns), plus dtypes
   HF directory      relative path, size and mtime of every weight / config / tokenizer file
-  run directory     the served step (latest committed ``ckpt/<step>``), the sha256 of ``run.json``
+  run directory     the served step (``jaxkd.ckpt.served_checkpoint``: the best-val step or the
+                    latest committed ``ckpt/<step>``), the sha256 of ``run.json``
                     (base model, system prompt, chat template), relative path, size and mtime of
                     every file of that step's ``params/`` and ``meta/`` items (files under 1 MiB
                     are hashed by content), and the identity of its base model (recursively)
@@ -75,25 +76,16 @@ def _spec_identity(spec: Any) -> dict[str, Any]:
     return {"kind": "hub", "id": spec.location, "unverified": True, **dtypes, "bytes": 0}
 
 
-def committed_steps(run_dir: Path) -> list[int]:
-    """Checkpoint steps orbax has committed (it renames a finished save into ``ckpt/<step>``)."""
-    ckpt = Path(run_dir) / "ckpt"
-    return sorted(int(d.name) for d in ckpt.iterdir() if d.is_dir() and d.name.isdigit()) if ckpt.is_dir() else []
-
-
 def _run_identity(run_dir: Path, step: int | None = None) -> dict[str, Any]:
-    from jaxkd.ckpt import read_run_meta
+    from jaxkd.ckpt import CKPT_DIR, CheckpointError, read_run_meta, served_checkpoint
     from jaxkd.config import ModelSpec, from_dict
 
     meta = read_run_meta(run_dir)   # fails naming the path when run.json is missing / corrupt
-    steps = committed_steps(run_dir)
-    if not steps:
-        raise FileNotFoundError(f"run {run_dir} has no committed checkpoint under ckpt/ yet")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"run {run_dir}: no checkpoint for step {step}; saved steps: {steps}")
-    sdir = Path(run_dir) / "ckpt" / str(step)
+    try:
+        subdir, step = served_checkpoint(run_dir, step)   # the step load_model serves
+    except CheckpointError as e:
+        raise FileNotFoundError(str(e)) from None
+    sdir = Path(run_dir) / subdir / str(step)
     files = [f for item in ("params", "meta") if (sdir / item).is_dir()
              for f in _files(sdir / item) for f in [{**f, "path": f"{item}/{f['path']}"}]]
     base = meta["base_model"]
@@ -102,7 +94,8 @@ def _run_identity(run_dir: Path, step: int | None = None) -> dict[str, Any]:
     else:
         parent = _spec_identity(from_dict(ModelSpec, base["spec"]))
     own = sum(f["size"] for f in files)
-    return {"kind": "run", "run": Path(run_dir).name, "step": int(step),
+    where = {} if subdir == CKPT_DIR else {"checkpoint": subdir}   # ckpt/: the identity of older runs
+    return {"kind": "run", "run": Path(run_dir).name, "step": int(step), **where,
             "run_json_sha256": hashlib.sha256((Path(run_dir) / "run.json").read_bytes()).hexdigest(),
             "files": files, "base": parent, "own_bytes": own, "bytes": own + parent["bytes"]}
 
@@ -123,4 +116,4 @@ def weights_identity(model: str | os.PathLike, step: int | None = None) -> dict[
     return {**ident, "id": _digest(ident)}
 
 
-__all__ = ["weights_identity", "committed_steps", "SMALL_FILE"]
+__all__ = ["weights_identity", "SMALL_FILE"]

@@ -10,6 +10,8 @@
         train/        everything else of the train state (optimizer moments, step, rng): resume only
         meta/         JSON: leaf paths of both items, step, time, and recipe extras (e.g. the grain
                       data-iterator state, so ``--resume`` continues exactly)
+      best/<step>/    only with ``train.keep_best``: params + meta of the evaluated step with the
+                      lowest val metric (meta extras: metric, value); what serving loads
       metrics.jsonl, tb/, summary.json    logs (never read back by the loader)
 
 Frozen weights (the embeddings under ``train.trainable=no_embed``) are not copied: they are the
@@ -35,11 +37,41 @@ import numpy as np
 FORMAT = "jaxkd-run-v1"
 RUN_META = "run.json"
 CKPT_DIR = "ckpt"
+BEST_DIR = "best"
 _ITEMS = ("params", "train", "meta")
 
 
 class CheckpointError(RuntimeError):
     """A run or checkpoint is missing, incomplete, corrupt or does not fit; the message names the path."""
+
+
+def committed_steps(run_dir: str | os.PathLike, subdir: str = CKPT_DIR) -> list[int]:
+    """Steps committed under ``<run_dir>/<subdir>`` (orbax renames a finished save into
+    ``<step>``), read from the directory names without opening orbax."""
+    d = Path(run_dir) / subdir
+    return sorted(int(x.name) for x in d.iterdir() if x.is_dir() and x.name.isdigit()) if d.is_dir() else []
+
+
+def served_checkpoint(run_dir: str | os.PathLike, step: int | None = None) -> tuple[str, int]:
+    """``(subdir, step)`` a run is served from: the given ``step`` (from ``ckpt/``, else ``best/``);
+    without one, the best-val step when the run kept one (``train.keep_best``), else the latest."""
+    if not (Path(run_dir) / CKPT_DIR).is_dir():
+        raise CheckpointError(f"{Path(run_dir).absolute()} has no checkpoints: {CKPT_DIR}/ is missing (the "
+                              f"run saved no step yet, or this is not a run directory)")
+    saved, best = committed_steps(run_dir), committed_steps(run_dir, BEST_DIR)
+    if step is None:
+        if best:
+            return BEST_DIR, best[-1]
+        if saved:
+            return CKPT_DIR, saved[-1]
+        raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT_DIR}/ (the run saved no "
+                              f"step yet, or its only save was interrupted)")
+    if step in saved:
+        return CKPT_DIR, int(step)
+    if step in best:
+        return BEST_DIR, int(step)
+    raise CheckpointError(f"{run_dir}: no checkpoint for step {step}; saved steps: {saved}"
+                          + (f" (best-val step: {best[-1]})" if best else ""))
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,20 +146,22 @@ def abstract_like(tree: Any, sharding: Any = None) -> Any:
 
 
 class RunCheckpointer:
-    """Orbax checkpoints under ``<run_dir>/ckpt/<step>`` (the last ``keep``; None keeps all).
+    """Orbax checkpoints under ``<run_dir>/<subdir>/<step>`` (the last ``keep``; None keeps all).
 
     ``save(step, state, extras)`` stores ``state["params"]`` and the rest of ``state`` as separate
-    items, so a server restores the parameters without reading the optimizer state.
+    items, so a server restores the parameters without reading the optimizer state. ``subdir``
+    is ``ckpt`` (the run's resumable states) or ``best`` (``train.keep_best``: parameters only).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, keep: int | None = None, create: bool = False):
+    def __init__(self, run_dir: str | os.PathLike, *, keep: int | None = None, create: bool = False,
+                 subdir: str = CKPT_DIR):
         import orbax.checkpoint as ocp
 
         self._ocp = ocp
         self.run_dir = Path(run_dir).absolute()
-        self.dir = self.run_dir / CKPT_DIR
+        self.dir = self.run_dir / subdir
         if not create and not self.dir.is_dir():
-            raise CheckpointError(f"{self.run_dir} has no checkpoints: {CKPT_DIR}/ is missing (the run "
+            raise CheckpointError(f"{self.run_dir} has no checkpoints: {subdir}/ is missing (the run "
                                   f"saved no step yet, or this is not a run directory)")
         self.manager = ocp.CheckpointManager(
             self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create),
@@ -164,8 +198,8 @@ class RunCheckpointer:
         """``step`` if saved (None: the latest); CheckpointError naming the saved steps otherwise."""
         steps = self.all_steps()
         if not steps:
-            raise CheckpointError(f"{self.run_dir} has no complete checkpoint under {CKPT_DIR}/ (the run "
-                                  f"saved no step yet, or its only save was interrupted)")
+            raise CheckpointError(f"{self.run_dir} has no complete checkpoint under {self.dir.name}/ (the "
+                                  f"run saved no step yet, or its only save was interrupted)")
         if step is None:
             return steps[-1]
         if step not in steps:
@@ -242,6 +276,13 @@ class RunCheckpointer:
         step = self.resolve_step(step)
         return self._restore_item(step, "params", template, self.read_meta(step)["params_paths"])
 
+    def delete_after(self, step: int) -> list[int]:
+        """Delete the steps saved after ``step`` (a resumed run recomputes them); returns them."""
+        gone = [s for s in self.all_steps() if s > step]
+        for s in gone:
+            self.manager.delete(s)
+        return gone
+
     def close(self) -> None:
         self.manager.close()
 
@@ -252,5 +293,5 @@ class RunCheckpointer:
         self.close()
 
 
-__all__ = ["CKPT_DIR", "CheckpointError", "FORMAT", "RUN_META", "RunCheckpointer", "abstract_like",
-           "is_run_dir", "read_run_meta", "write_run_meta"]
+__all__ = ["BEST_DIR", "CKPT_DIR", "CheckpointError", "FORMAT", "RUN_META", "RunCheckpointer", "abstract_like",
+           "committed_steps", "is_run_dir", "read_run_meta", "served_checkpoint", "write_run_meta"]

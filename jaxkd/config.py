@@ -515,6 +515,11 @@ class TrainConfig:
     keep: int = 2
     log_every: int = 1
     eval_every: int = 0         # val imitation loss every N steps; 0: only at the end
+    # Model selection on val (stage=kd): "kl" or "ce" keeps the parameters of the evaluated step
+    # (every eval_every, and the last) with the lowest val mean under <run>/best/, and serving
+    # loads them; "": serve the last step.
+    keep_best: Literal["", "kl", "ce"] = ""
+    early_stop: int = 0         # stop after this many evaluations in a row without a new best; 0: off
     final_generate: int = 16    # val prompts the trained student answers at the end (ROUGE-L/EM to
                                 # the teacher's answers); 0: skip
 
@@ -522,9 +527,15 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "keep", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup_steps", "ckpt_every", "eval_every", "final_generate"):
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "early_stop", "final_generate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.keep_best and not self.eval_every:
+            raise ConfigError(f"train.keep_best={self.keep_best!r} chooses among the val evaluations: "
+                              f"set train.eval_every > 0")
+        if self.early_stop and not self.keep_best:
+            raise ConfigError(f"train.early_stop={self.early_stop} counts evaluations without a new best: "
+                              f"set train.keep_best (kl or ce) too")
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.clip_norm < 0:
@@ -699,6 +710,8 @@ class GRPOConfig:
         if (self.reward.w_tech, self.reward.w_lang) != (default.w_tech, default.w_lang):
             raise ConfigError("grpo.reward.w_tech / grpo.reward.w_lang are not used by GRPO; set "
                               "grpo.w_tech / grpo.w_lang (R = w_tech * R_tech + w_lang * R_lang)")
+        if self.train.keep_best:
+            raise ConfigError("grpo.train.keep_best applies to stage=kd (GRPO has no val split); remove it")
         if self.train.steps % self.mu or self.train.ckpt_every % self.mu:
             raise ConfigError(f"grpo.train.steps ({self.train.steps}) and grpo.train.ckpt_every "
                               f"({self.train.ckpt_every}) must be multiples of grpo.mu ({self.mu}): a "

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jaxkd.ckpt import CKPT_DIR, CheckpointError, RunCheckpointer, is_run_dir, read_run_meta
+from jaxkd.ckpt import (BEST_DIR, CKPT_DIR, CheckpointError, RunCheckpointer, committed_steps, is_run_dir,
+                        read_run_meta, served_checkpoint)
 from jaxkd.config import ConfigError, ModelConfig, ModelSpec, from_dict
 
 if TYPE_CHECKING:
@@ -93,10 +94,9 @@ def newest_run(runs_dir: str | os.PathLike) -> Path | None:
         return None
     best: tuple[float, Path] | None = None
     for meta in [*root.glob(f"*/{'run.json'}"), *root.glob("*/*/run.json")]:
-        ckpt = meta.parent / CKPT_DIR
-        steps = [d for d in ckpt.iterdir() if d.is_dir() and d.name.isdigit()] if ckpt.is_dir() else []
+        steps = committed_steps(meta.parent)
         if steps:
-            t = max(d.stat().st_mtime for d in steps)
+            t = max((meta.parent / CKPT_DIR / str(s)).stat().st_mtime for s in steps)
             if best is None or t > best[0]:
                 best = (t, meta.parent)
     return best[1] if best else None
@@ -157,10 +157,11 @@ def _load_run(run_dir: Path, step: int | None, **kw: Any) -> LoadedModel:
         # them into the base weights so the served model runs at the base model's cost.
         model = apply_lora(model, lora["rank"], lora["alpha"], lora["seed"], lora.get("targets"))
     _, params, _ = split_model(model, meta["trainable"])
-    with RunCheckpointer(run_dir) as ck:
-        step = ck.resolve_step(step)
+    subdir, step = served_checkpoint(run_dir, step)
+    with RunCheckpointer(run_dir, subdir=subdir) as ck:
         restored = ck.restore_params(step, params)
         where = ck.step_dir(step)
+        best = ck.read_meta(step).get("extras", {}) if subdir == BEST_DIR else None
     nnx.update(model, restored)
     if meta["trainable"] == "lora":
         merge_lora(model)
@@ -170,7 +171,9 @@ def _load_run(run_dir: Path, step: int | None, **kw: Any) -> LoadedModel:
     return LoadedModel(
         model=model, tokenizer=tokenizer, config=parent.config, spec=parent.spec,
         system_prompt=meta.get("system_prompt"),
-        name=f"{run_dir.name} ({meta.get('recipe', 'trained')} step {step}, from {parent.name})",
+        name=(f"{run_dir.name} ({meta.get('recipe', 'trained')} step {step}"
+              + (f", lowest val {best.get('metric')} {best.get('value', float('nan')):.4g}" if best else "")
+              + f", from {parent.name})"),
         source=str(where), kind="run", run_dir=run_dir.absolute(), step=int(step))
 
 
@@ -179,7 +182,8 @@ def load_model(spec: str | os.PathLike | ModelSpec, *, step: int | None = None, 
     """Load ``spec`` (run dir, preset name / YAML, ``.gguf``, HF dir) for serving.
 
     For a run: its base model, then the trainable parameters of checkpoint ``step`` (default: the
-    latest) on top, its chat template and system prompt. Errors (``CheckpointError``,
+    best-val step when the run kept one, else the latest) on top, its chat template and system
+    prompt. Errors (``CheckpointError``,
     ``ConfigError``, ...) name the path and what is wrong.
     """
     t0 = time.perf_counter()

@@ -20,7 +20,7 @@ from jaxkd.distill import kd as K
 from jaxkd.distill import teacher as T
 from jaxkd.models.generate import Generator
 from jaxkd.models.params import write_hf_dir
-from test_train_fixtures import byte_tokenizer, tiny_config, tiny_decoder, tiny_records
+from test_train_fixtures import byte_tokenizer, poison_targets_from, tiny_config, tiny_decoder, tiny_records
 
 # Not the default prompt: proves every consumer takes the prompt from the run, not from the code.
 RUN_PROMPT = "You fix gadgets. Answer in numbered steps."
@@ -216,6 +216,26 @@ def test_a_lora_run_serves_and_exports_its_adapters_merged(trained, tmp_path):
         got = hf(torch.from_numpy(np.asarray(IDS, np.int64))).logits.numpy()
     np.testing.assert_allclose(got, adapted, atol=1e-4, rtol=0)  # the HF export tolerance above
     np.testing.assert_array_equal(logits(serving.load_model(out).model), logits(lm.model))
+
+
+def test_a_keep_best_run_serves_its_lowest_val_step_and_keeps_the_last_addressable(trained, tmp_path):
+    from evals.identity import weights_identity
+
+    cfg = _run_cfg(trained.root, trained.preset, "tiny-best", steps=6, eval_every=1, keep_best="kl")
+    cfg = RunConfig(**{**cfg.__dict__, "runs_dir": str(tmp_path / "runs")})
+    result = K.run_kd(cfg, records=_records(), batch_hook=poison_targets_from(2), log=lambda s: None,
+                      progress=False)
+    best = result.summary["best"]["step"]
+    assert best < 6   # the poisoned steps moved the student away from the teacher
+    lm = serving.load_model(cfg.run_dir)
+    assert lm.step == best and lm.source == str(cfg.run_dir.absolute() / "best" / str(best))
+    assert lm.name.startswith(f"tiny-best (kd step {best}, lowest val kl ")
+    np.testing.assert_array_equal(logits(lm.model), logits(result.model()))   # result holds the best too
+    last = serving.load_model(cfg.run_dir, step=6)
+    assert last.step == 6 and np.abs(logits(last.model) - logits(lm.model)).max() > 1e-4
+    ident = weights_identity(cfg.run_dir)
+    assert ident["step"] == best and ident["checkpoint"] == "best"
+    assert weights_identity(cfg.run_dir, 6)["id"] != ident["id"] and "checkpoint" not in weights_identity(cfg.run_dir, 6)
 
 
 def test_loader_errors_name_the_problem(trained, tmp_path):

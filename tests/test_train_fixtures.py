@@ -74,6 +74,20 @@ def tiny_records(n_per_category: int = 3, categories=("audio", "network", "weara
     return out
 
 
+def poison_targets_from(first_step: int):
+    """A KD ``batch_hook``: from ``first_step`` on, the teacher top-k ids are random tokens, so the
+    student is trained away from the teacher and val KL stops falling (model-selection tests)."""
+    import numpy as np
+
+    def hook(step: int, batch: dict) -> dict:
+        if step < first_step:
+            return batch
+        rng = np.random.default_rng(step)
+        return {**batch, "topk_ids": rng.integers(0, TOKENIZER_VOCAB, batch["topk_ids"].shape).astype(np.int32)}
+
+    return hook
+
+
 def test_byte_tokenizer_round_trip_and_template():
     tok = byte_tokenizer()
     text = "Pair: hold 5 s — ok"

@@ -14,7 +14,7 @@ import pytest
 
 from jaxkd.config import (ConfigError, DistillConfig, DomainSamplingConfig, RunConfig, SamplingConfig,
                           TeacherConfig, TrainConfig)
-from jaxkd.ckpt import RunCheckpointer
+from jaxkd.ckpt import BEST_DIR, RunCheckpointer
 from jaxkd.data.loader import kd_batch, kd_eval_batches
 from jaxkd.distill import kd as K
 from jaxkd.distill import teacher as T
@@ -22,7 +22,7 @@ from jaxkd.distill.cache import TeacherCache
 from jaxkd.distill.sampling import DomainSampler
 from jaxkd.train import state as st
 from jaxkd.train import trainer as TR
-from test_train_fixtures import TOKENIZER_VOCAB, byte_tokenizer, tiny_decoder, tiny_records
+from test_train_fixtures import TOKENIZER_VOCAB, byte_tokenizer, poison_targets_from, tiny_decoder, tiny_records
 
 MAX_LEN = 448
 
@@ -160,6 +160,43 @@ def test_planted_lagging_subdomain_is_upweighted_by_the_trainer_hook(cache_dir, 
     drawn = sampler.next_indices(600)
     share = np.mean([val[i].meta["category"] == "network" for i in drawn])
     assert share > 0.5  # the lagging subdomain is now drawn most often
+
+
+def test_keep_best_keeps_the_lowest_val_step_and_early_stop_resumes_exactly(cache_dir, tok, records):
+    kw = dict(steps=12, eval_every=1, keep_best="kl", early_stop=2, ckpt_every=1)
+    full = _run(cache_dir, "best", tok, records, batch_hook=poison_targets_from(3), **kw).summary
+    rows = [json.loads(s) for s in (cache_dir / "runs" / "best" / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val/kl"] for r in rows if "val/kl" in r}
+    best = full["best"]["step"]
+    assert full["stopped_early"]["planned_steps"] == 12 and full["steps"] < 12
+    assert best == min(val, key=val.get) and full["best"]["value"] == val[best]
+    assert full["steps"] == best + 2 and sorted(val) == list(range(1, full["steps"] + 1))
+    # the summary describes the served (best) parameters; the last step's val is kept beside it
+    assert full["val"]["kl"] == pytest.approx(val[best], rel=1e-6)
+    assert full["val_last_step"]["kl"] == pytest.approx(val[full["steps"]], rel=1e-6)
+    with RunCheckpointer(cache_dir / "runs" / "best", subdir=BEST_DIR) as bc:
+        assert bc.all_steps() == [best] and bc.read_meta(best)["extras"] == {"metric": "kl", "value": val[best]}
+    with RunCheckpointer(cache_dir / "runs" / "best") as ck:
+        assert ck.latest_step() == full["steps"]    # the stop step is checkpointed (resumable)
+
+    # killed one evaluation after the best: the resumed run must remember the best and its count
+    def kill_after_best(step, batch):
+        if step == best + 1:
+            raise KeyboardInterrupt("simulated kill")
+        return poison_targets_from(3)(step, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(cache_dir, "best-killed", tok, records, batch_hook=kill_after_best, **kw)
+    resumed = _run(cache_dir, "best-killed", tok, records, batch_hook=poison_targets_from(3), resume=True,
+                   **kw).summary
+    assert (resumed["steps"], resumed["best"], resumed["val"]) == (full["steps"], {
+        **full["best"], "served_from": full["best"]["served_from"].replace("/best/", "/best-killed/")}, full["val"])
+    with pytest.raises(FileExistsError, match="--resume"):
+        _run(cache_dir, "best", tok, records, **kw)
+    with pytest.raises(ConfigError, match="train.eval_every"):
+        TrainConfig(keep_best="kl")
+    with pytest.raises(ConfigError, match="train.keep_best"):
+        TrainConfig(early_stop=3, eval_every=1)
 
 
 def test_batch_alignment_puts_entry_j_on_the_position_predicting_answer_token_j(cache_dir, tok, records):

@@ -117,6 +117,42 @@ def test_iterator_source_and_non_finite_stop(tmp_path):
         TR.run_loop(step, ST.init_state(_params(), tx, 0), source=[{"x": X}], extra={}, start=0, steps=1)
 
 
+def test_a_stop_request_ends_the_loop_after_the_step_and_runs_the_end_hooks_once():
+    tx = optax.sgd(1e-4)
+    step = TR.make_train_step(loss_fn, tx)
+    seen: dict[str, list] = {"after": [], "end": [], "later": []}
+
+    def stop_at_4(info):
+        seen["after"].append(info.step)
+        if info.step == 4:
+            info.request_stop("val stopped improving")
+
+    hooks = [TR.Hook(stop_at_4, every=1),
+             TR.Hook(lambda info: seen["later"].append(info.step), every=1),   # the step's other hooks still run
+             TR.Hook(lambda info: seen["end"].append((info.step, info.last)), every=0, at_end=True)]
+    state = TR.run_loop(step, ST.init_state(_params(), tx, 0), source=lambda i, s: {"x": X, "y": Y},
+                        extra={"bias": jnp.zeros(3)}, start=0, steps=10, hooks=hooks)
+    assert int(state["step"]) == 4
+    assert seen["after"] == seen["later"] == [1, 2, 3, 4]
+    assert seen["end"] == [(4, 4)]   # the end hooks see the stop step as the last
+
+
+def test_best_tracker_counts_evaluations_without_a_new_low_and_resumes_from_its_state():
+    t = H.BestTracker("kl", patience=2)
+    assert [t.update(s, v) for s, v in [(10, 3.0), (20, 2.5), (30, 2.5), (40, float("nan"))]] == \
+        [True, True, False, False]   # equal is not better, NaN never is
+    assert (t.step, t.value, t.since, t.exhausted) == (20, 2.5, 2, True)
+    again = H.BestTracker("kl", patience=2)
+    again.load_state(json.loads(json.dumps(t.state())))   # through a checkpoint's JSON meta
+    assert (again.step, again.value, again.since) == (20, 2.5, 2)
+    assert again.update(50, 2.4) and not again.exhausted
+    fresh = H.BestTracker("kl")
+    fresh.load_state(H.BestTracker("kl").state())   # nothing evaluated yet: +inf, so any value is a best
+    assert fresh.update(5, 1e9) and not fresh.exhausted   # patience 0: never exhausted
+    with pytest.raises(ValueError, match="train.keep_best='ce'"):
+        H.BestTracker("ce").load_state(t.state())
+
+
 @dataclasses.dataclass
 class Ex:
     example_id: str

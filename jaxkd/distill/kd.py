@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxkd.ckpt import RunCheckpointer
+from jaxkd.ckpt import BEST_DIR, RunCheckpointer
 from jaxkd.config import DistillConfig, RunConfig
 from jaxkd.data.loader import kd_dataset, kd_eval_batches
 from jaxkd.distill.cache import KDExample, TeacherCache, kd_example, load_exported
@@ -323,12 +324,28 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
                                                 remat=tc.remat), tx,
                               clip_norm=tc.clip_norm, grad_accum=tc.grad_accum, mesh=mesh)
     eval_fn = make_eval_step(graphdef, vocab) if val_batches else None
+    if tc.keep_best and eval_fn is None:
+        raise ValueError(f"train.keep_best={tc.keep_best!r} chooses a step by val {tc.keep_best}, but split "
+                         f"{dc.val_split!r} has no examples with teacher top-k; run the teacher stage on it "
+                         f"or unset train.keep_best")
 
     run_dir = cfg.run_dir
     ckpt = RunCheckpointer(run_dir, keep=tc.keep, create=True)
     state, extras, start = ckpt.start(state, resume=resume, log=log)
     if extras is not None:
         data.set_state(extras["data"])
+    best = H.BestTracker(tc.keep_best, tc.early_stop) if tc.keep_best else None
+    best_ck = None
+    if best is not None:
+        best_ck = RunCheckpointer(run_dir, keep=1, create=True, subdir=BEST_DIR)
+        if extras is None and best_ck.latest_step() is not None:
+            ckpt.close()
+            best_ck.close()
+            raise FileExistsError(f"{best_ck.dir} already holds a checkpoint; pass --resume to continue or "
+                                  f"choose another name= / runs_dir=")
+        if extras is not None:
+            best.load_state(extras.get("best"))
+            best_ck.delete_after(start)   # saved after the resumed step: the resumed run recomputes them
     system_prompt = trained_system_prompt(train)
     prepare_run_dir(cfg, recipe="kd", pretrained=pretrained, model_cfg=model.cfg, tokenizer=tokenizer,
                     system_prompt=system_prompt)
@@ -351,13 +368,30 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     if progress:
         bar, close_bar = H.progress_bar(start, tc.steps, "kd")
         hooks.append(bar)
-    hooks.append(H.save_checkpoints(ckpt, every=tc.ckpt_every, extras=lambda: {"data": data.get_state()}))
+    last_val: dict[str, Any] = {}
+    stop: list[str] = []
     if eval_fn is not None and tc.eval_every:
         def validate(info):
+            per_ex = evaluate_examples(eval_fn, info.state["params"], frozen, val_batches, mesh)
+            last_val.update(step=info.step, per_ex=per_ex)
             if info.step < info.last:  # the final validation goes into the summary
-                per_ex = evaluate_examples(eval_fn, info.state["params"], frozen, val_batches, mesh)
                 logger.log(info.step, {k: float(v.mean()) for k, v in per_ex.items()}, prefix="val/")
-        hooks.append(Hook(validate, every=tc.eval_every, name="val"))
+            if best is None:
+                return
+            value = float(per_ex[best.metric].mean())
+            if best.update(info.step, value):
+                best_ck.save(info.step, {"params": info.state["params"]}, {"metric": best.metric, "value": value})
+                log(f"step {info.step}: lowest val {best.metric} so far, {value:.4f}: kept as {best_ck.step_dir(info.step)}")
+            elif best.exhausted:
+                stop.append(f"val {best.metric} stayed above its lowest, {best.value:.4f} at step {best.step}, "
+                            f"for {best.since} evaluations (train.early_stop={best.patience})")
+                log(f"step {info.step}: early stop: {stop[-1]}")
+                info.request_stop(stop[-1])
+
+        # before the checkpoint hook, so that a checkpoint holds the tracker's state of its own step
+        hooks.append(Hook(validate, every=tc.eval_every, at_end=best is not None, name="val"))
+    hooks.append(H.save_checkpoints(ckpt, every=tc.ckpt_every, extras=lambda: {
+        "data": data.get_state(), **({"best": best.state()} if best is not None else {})}))
 
     def source(step: int, _state: dict) -> dict:
         batch = next(data) if batch_hook is None else batch_hook(step, next(data))
@@ -370,18 +404,32 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     finally:
         logger.close()
         ckpt.close()
+        if best_ck is not None:
+            best_ck.close()
         if close_bar is not None:
             close_bar()
 
+    done = int(jax.device_get(state["step"]))
     summary: dict[str, Any] = {
-        "run_dir": str(run_dir), "steps": tc.steps, "resumed_from": start if resume else None,
+        "run_dir": str(run_dir), "steps": done, "resumed_from": start if resume else None,
         "train_examples": len(train), "val_examples": len(val), "trainable": tc.trainable,
         "teacher_answers_dropped": {"train": drop_t, "val": drop_v},
         "train_examples_cut_by_max_len": sum(len(ex.ids) > tc.max_len for ex in train),
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
         "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
+    if done < tc.steps:
+        summary["stopped_early"] = {"planned_steps": tc.steps, "reason": stop[-1] if stop else None}
     if eval_fn is not None:
-        per_ex = evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh)
+        per_ex = (last_val["per_ex"] if last_val.get("step") == done else
+                  evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh))
+        if best is not None and best.step is not None:
+            # the summary, the final generation and the caller describe what is served: the best step
+            summary["best"] = {**best.state(), "served_from": str(Path(run_dir) / BEST_DIR / str(best.step))}
+            if best.step != done:
+                summary["val_last_step"] = {k: float(v.mean()) for k, v in per_ex.items()}
+                with RunCheckpointer(run_dir, subdir=BEST_DIR) as bc:
+                    state = {**state, "params": bc.restore_params(best.step, state["params"])}
+                per_ex = evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh)
         summary["val"] = {k: float(v.mean()) for k, v in per_ex.items()}
         summary["val_per_domain"] = per_domain_table({k: v.tolist() for k, v in per_ex.items()},
                                                      _domains(val, key))
@@ -411,15 +459,24 @@ def final_generation(result: KDResult, n: int, max_new_tokens: int, batch_size: 
 def write_summary(run_dir: Any, summary: Mapping[str, Any]) -> None:
     """summary.json (scalars) and summary.md (per-subdomain table) in ``run_dir``."""
     import json
-    from pathlib import Path
 
     from jaxkd.train.metrics import markdown_table
 
     run_dir = Path(run_dir)
     (run_dir / "summary.json").write_text(json.dumps(dict(summary), indent=1, default=str))
     if "val_per_domain" in summary:
+        head = f"# KD run {run_dir.name}\n\n"
+        if "best" in summary:
+            b = summary["best"]
+            head += (f"Served: step {b['step']} of {summary['steps']}, the evaluated step with the lowest val "
+                     f"{b['metric']} ({b['value']:.4f}; train.keep_best)")
+            stopped = summary.get("stopped_early")
+            head += (f"; stopped early, planned {stopped['planned_steps']} steps: {stopped['reason']}.\n\n"
+                     if stopped else ".\n\n")
+            if "val_last_step" in summary:
+                head += f"val at the last step ({summary['steps']}): {summary['val_last_step']}\n\n"
         (run_dir / "summary.md").write_text(
-            f"# KD run {run_dir.name}\n\nval: {summary['val']}\n\n" + markdown_table(summary["val_per_domain"]))
+            head + f"val: {summary['val']}\n\n" + markdown_table(summary["val_per_domain"]))
 
 
 __all__ = ["KDResult", "answer_rejection", "final_generation", "kd_loss", "kd_loss_reference", "load_kd_examples", "make_eval_step",

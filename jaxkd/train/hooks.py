@@ -7,6 +7,7 @@ domain re-weighting and validation, GRPO's diagnostics) are plain ``Hook(fn, eve
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -92,5 +93,45 @@ def save_checkpoints(ckpt: RunCheckpointer, *, every: int,
                 name="checkpoint")
 
 
-__all__ = ["log_metrics", "non_finite_error", "progress_bar", "record", "save_checkpoints",
+@dataclasses.dataclass
+class BestTracker:
+    """The lowest value of a val metric so far, and how many evaluations in a row did not beat it.
+
+    ``update(step, value)`` returns True on a new best (strictly lower; a NaN never is);
+    ``exhausted`` is True once ``patience`` (> 0) evaluations in a row brought none. ``state()`` /
+    ``from_state`` go into checkpoints so that a resumed run keeps counting.
+    """
+
+    metric: str
+    patience: int = 0
+    step: int | None = None
+    value: float = math.inf
+    since: int = 0              # evaluations since the best
+
+    def update(self, step: int, value: float) -> bool:
+        if value < self.value:
+            self.step, self.value, self.since = int(step), float(value), 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"metric": self.metric, "step": self.step,
+                "value": None if self.step is None else self.value, "since": self.since}
+
+    def load_state(self, state: Mapping[str, Any] | None) -> None:
+        if not state:
+            return
+        if state.get("metric") != self.metric:
+            raise ValueError(f"the checkpoint tracked the best val {state.get('metric')!r}, this config "
+                             f"train.keep_best={self.metric!r}; resume with the setting it was trained with")
+        self.step, self.since = state["step"], int(state["since"])
+        self.value = math.inf if state["value"] is None else float(state["value"])
+
+
+__all__ = ["BestTracker", "log_metrics", "non_finite_error", "progress_bar", "record", "save_checkpoints",
            "stop_on_non_finite"]

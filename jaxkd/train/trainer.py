@@ -201,6 +201,12 @@ class StepInfo:
     started: float                  # perf_counter() when this step's iteration began
     last: int                       # the final step count of the run
     _host: dict[str, float] | None = None
+    stop_reason: str | None = None  # set by request_stop
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after this step (early stopping): the remaining hooks of this step run,
+        then the ``at_end`` hooks that were not due, seeing this step as the last."""
+        self.stop_reason = reason
 
     def host_metrics(self) -> dict[str, float]:
         if self._host is None:
@@ -243,7 +249,8 @@ def run_loop(step_fn: Callable[[dict, Batch, Any], tuple[dict, Any]], state: dic
              source: BatchSource, extra: Any, start: int, steps: int,
              hooks: Sequence[Hook] = ()) -> dict:
     """``for step in range(start, steps)``: before-hooks, one update on the next batch,
-    after-hooks (in the order given). Returns the final state."""
+    after-hooks (in the order given). Returns the final state; ``int(state["step"])`` tells how
+    many updates ran when an after-hook called ``info.request_stop``."""
     next_batch = _next_batch(source)
     before = [h for h in hooks if h.before]
     after = [h for h in hooks if not h.before]
@@ -258,6 +265,12 @@ def run_loop(step_fn: Callable[[dict, Batch, Any], tuple[dict, Any]], state: dic
         for h in after:
             if h.due(step + 1, steps):
                 h.fn(info)
+        if info.stop_reason is not None:
+            final = dataclasses.replace(info, last=step + 1)
+            for h in after:
+                if h.at_end and not h.due(step + 1, steps):
+                    h.fn(final)
+            return state
     return state
 
 
