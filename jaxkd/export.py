@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("model", help="a trained run dir (runs/<name>), preset, .gguf or HF dir")
     ap.add_argument("--to", choices=FORMATS, required=True, help="output format")
     ap.add_argument("out", help="output directory (replaced if it exists)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: its best-val step when it kept one, else the latest)")
     args = ap.parse_args(argv)
     from jaxkd.assets import AssetError
     from jaxkd.ckpt import CheckpointError

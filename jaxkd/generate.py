@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="run dir (runs/<name>), preset name, preset YAML, .gguf file or HF directory "
                          "(default: the newest trained run under --runs-dir, else the base preset)")
     ap.add_argument("--runs-dir", default="runs", help="where trained runs live (for the default model)")
-    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: latest)")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step of a run (default: its best-val step when it kept one, else the latest)")
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="0 = off")
