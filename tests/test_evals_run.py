@@ -376,7 +376,7 @@ def test_failure_flags_on_hand_written_answers():
     assert "verbosity" in flags(good + " " + " ".join(["Make sure the earbuds are charged and close by."] * 8))
 
 
-@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml"])
+@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml", "eval_corpus_full.yaml"])
 def test_committed_eval_configs_name_real_presets_and_the_baseline_first(name):
     from jaxkd.config import CONFIG_DIR, load_model_spec
 
