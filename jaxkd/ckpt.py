@@ -265,10 +265,15 @@ class RunCheckpointer:
             restored, extras = self.restore(latest, state)
             log(f"resumed from {self.step_dir(latest)} at step {latest}")
             return restored, extras, latest
-        if latest is not None:
+        self.refuse_existing()
+        return state, None, 0
+
+    def refuse_existing(self) -> None:
+        """FileExistsError when this directory already holds a checkpoint: a fresh run must not
+        mix its steps with another run's."""
+        if self.latest_step() is not None:
             raise FileExistsError(f"{self.dir} already holds checkpoints; pass --resume to continue "
                                   f"or choose another name= / runs_dir=")
-        return state, None, 0
 
     def restore_params(self, step: int | None, template: Any) -> Any:
         """Only the trainable parameters of ``step`` (None: the latest), laid out like ``template``

@@ -338,12 +338,14 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     best_ck = None
     if best is not None:
         best_ck = RunCheckpointer(run_dir, keep=1, create=True, subdir=BEST_DIR)
-        if extras is None and best_ck.latest_step() is not None:
-            ckpt.close()
-            best_ck.close()
-            raise FileExistsError(f"{best_ck.dir} already holds a checkpoint; pass --resume to continue or "
-                                  f"choose another name= / runs_dir=")
-        if extras is not None:
+        if extras is None:
+            try:
+                best_ck.refuse_existing()
+            except FileExistsError:
+                ckpt.close()
+                best_ck.close()
+                raise
+        else:
             best.load_state(extras.get("best"))
             best_ck.delete_after(start)   # saved after the resumed step: the resumed run recomputes them
     system_prompt = trained_system_prompt(train)
@@ -368,8 +370,9 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     if progress:
         bar, close_bar = H.progress_bar(start, tc.steps, "kd")
         hooks.append(bar)
+    # per-example val metrics of the latest evaluation and of the best one, reused by the summary
     last_val: dict[str, Any] = {}
-    stop: list[str] = []
+    best_val: dict[str, Any] = {}
     if eval_fn is not None and tc.eval_every:
         def validate(info):
             per_ex = evaluate_examples(eval_fn, info.state["params"], frozen, val_batches, mesh)
@@ -381,12 +384,11 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
             value = float(per_ex[best.metric].mean())
             if best.update(info.step, value):
                 best_ck.save(info.step, {"params": info.state["params"]}, {"metric": best.metric, "value": value})
+                best_val.update(step=info.step, per_ex=per_ex)
                 log(f"step {info.step}: lowest val {best.metric} so far, {value:.4f}: kept as {best_ck.step_dir(info.step)}")
             elif best.exhausted:
-                stop.append(f"val {best.metric} stayed above its lowest, {best.value:.4f} at step {best.step}, "
-                            f"for {best.since} evaluations (train.early_stop={best.patience})")
-                log(f"step {info.step}: early stop: {stop[-1]}")
-                info.request_stop(stop[-1])
+                log(f"step {info.step}: early stop: {best.stop_reason()}")
+                info.request_stop(best.stop_reason())
 
         # before the checkpoint hook, so that a checkpoint holds the tracker's state of its own step
         hooks.append(Hook(validate, every=tc.eval_every, at_end=best is not None, name="val"))
@@ -418,18 +420,19 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
         "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
     if done < tc.steps:
-        summary["stopped_early"] = {"planned_steps": tc.steps, "reason": stop[-1] if stop else None}
+        summary["stopped_early"] = {"planned_steps": tc.steps, "reason": best.stop_reason() if best else None}
     if eval_fn is not None:
         per_ex = (last_val["per_ex"] if last_val.get("step") == done else
                   evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh))
         if best is not None and best.step is not None:
             # the summary, the final generation and the caller describe what is served: the best step
-            summary["best"] = {**best.state(), "served_from": str(Path(run_dir) / BEST_DIR / str(best.step))}
+            summary["best"] = {**best.state(), "served_from": str(best_ck.step_dir(best.step))}
             if best.step != done:
                 summary["val_last_step"] = {k: float(v.mean()) for k, v in per_ex.items()}
                 with RunCheckpointer(run_dir, subdir=BEST_DIR) as bc:
                     state = {**state, "params": bc.restore_params(best.step, state["params"])}
-                per_ex = evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh)
+                per_ex = (best_val["per_ex"] if best_val.get("step") == best.step else   # before a resume
+                          evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh))
         summary["val"] = {k: float(v.mean()) for k, v in per_ex.items()}
         summary["val_per_domain"] = per_domain_table({k: v.tolist() for k, v in per_ex.items()},
                                                      _domains(val, key))

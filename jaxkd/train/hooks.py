@@ -98,8 +98,9 @@ class BestTracker:
     """The lowest value of a val metric so far, and how many evaluations in a row did not beat it.
 
     ``update(step, value)`` returns True on a new best (strictly lower; a NaN never is);
-    ``exhausted`` is True once ``patience`` (> 0) evaluations in a row brought none. ``state()`` /
-    ``from_state`` go into checkpoints so that a resumed run keeps counting.
+    ``exhausted`` is True once ``patience`` (> 0) evaluations in a row brought none, and
+    ``stop_reason()`` says so. ``state()`` goes into checkpoints and ``load_state`` takes it back,
+    so that a resumed run keeps counting.
     """
 
     metric: str
@@ -118,6 +119,13 @@ class BestTracker:
     @property
     def exhausted(self) -> bool:
         return self.patience > 0 and self.since >= self.patience
+
+    def stop_reason(self) -> str | None:
+        """Why early stopping ends the run (None while it should go on)."""
+        if not self.exhausted:
+            return None
+        return (f"val {self.metric} stayed above its lowest, {self.value:.4f} at step {self.step}, for "
+                f"{self.since} evaluations (train.early_stop={self.patience})")
 
     def state(self) -> dict[str, Any]:
         return {"metric": self.metric, "step": self.step,
