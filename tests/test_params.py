@@ -96,6 +96,28 @@ def test_sharded_and_lazy_hf_dir(tmp_path):
         assert np.array_equal(tensors[name], t.numpy()) and np.array_equal(lazy[name], t.numpy())
 
 
+def test_write_hf_dir_shards_by_size(tmp_path):
+    """A checkpoint over ``shard_bytes`` is written as HF shards + index that transformers and
+    jaxkd (eager and lazy) read back bit-exactly; under it, one model.safetensors."""
+    ref = tiny_hf("qwen2")
+    ref.save_pretrained(tmp_path / "src")
+    cfg, tensors = params.read_hf_dir(tmp_path / "src")
+    out = params.write_hf_dir(cfg, params.read_hf_dir(tmp_path / "src", lazy=True)[1], tmp_path / "sharded",
+                              shard_bytes=40_000)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    index = json.loads((out / params.SAFETENSORS_INDEX).read_text())
+    assert len(shards) > 2 and not (out / params.SAFETENSORS_FILE).exists()
+    assert sorted(set(index["weight_map"].values())) == shards and set(index["weight_map"]) == set(tensors)
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
+    for lazy in (False, True):
+        _, back = params.read_hf_dir(out, lazy=lazy)
+        assert set(back) == set(tensors) and all(np.array_equal(back[k], v) for k, v in tensors.items())
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert np.abs(torch_logits(back) - torch_logits(ref)).max() == 0
+    one = params.write_hf_dir(cfg, tensors, tmp_path / "one")
+    assert (one / params.SAFETENSORS_FILE).exists() and not (one / params.SAFETENSORS_INDEX).exists()
+
+
 def test_hf_dir_errors(tmp_path):
     with pytest.raises(params.WeightsError, match="no config.json"):
         params.read_hf_dir(tmp_path)
@@ -238,7 +260,7 @@ def test_gguf_to_hf_dir_is_cached(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(params, "_read_gguf", boom)
+    monkeypatch.setattr(params, "open_gguf", boom)
     assert params.gguf_to_hf_dir(path) == out  # second call: cache hit, keyed by the file's sha256
     path.write_bytes(path.read_bytes() + b"\0" * 32)  # a different file -> a different key
     with pytest.raises(AssertionError, match="converted again"):

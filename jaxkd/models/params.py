@@ -27,6 +27,9 @@ from jaxkd.config import Arch, ConfigError, ModelConfig
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Shard size for written checkpoints: small enough that writing one (arrays + serialised bytes)
+# stays near 2 GiB, so converting the 1.5B GGUF does not hold the f32 model twice.
+SHARD_BYTES = 1 << 30
 
 # GGUF tensor name (per layer: after "blk.{i}.") -> HF name (after "model.layers.{i}.")
 _GGUF_LAYER_NAMES: dict[str, str] = {
@@ -82,10 +85,20 @@ def expected_hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: shapes[k] for k in expected_hf_names(cfg)}
 
 
+def tensor_shapes(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Name -> shape without reading a lazy mapping's data (``LazyTensors``, ``GGUFTensors``)."""
+    if hasattr(tensors, "shapes"):
+        return dict(tensors.shapes())
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
 def check_tensors(cfg: ModelConfig, tensors: Mapping[str, Any], where: str) -> None:
     """Raise WeightsError if names or shapes differ from what ``cfg`` needs."""
-    shapes = tensors.shapes() if isinstance(tensors, LazyTensors) else {
-        k: tuple(v.shape) for k, v in tensors.items()}
+    check_shapes(cfg, tensor_shapes(tensors), where)
+
+
+def check_shapes(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
+    """``check_tensors`` on a name -> shape mapping."""
     want = expected_hf_shapes(cfg)
     missing = sorted(set(want) - set(shapes))
     extra = sorted(set(shapes) - set(want))
@@ -192,26 +205,60 @@ def _torch_dtype_name(tensors: Mapping[str, np.ndarray]) -> str:
 
 
 def write_hf_dir(cfg: ModelConfig, tensors: Mapping[str, Any], out_dir: str | Path,
-                 tokenizer: Any = None) -> Path:
-    """Write config.json, generation_config.json, model.safetensors (+ tokenizer files) so that
+                 tokenizer: Any = None, *, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Write config.json, generation_config.json, the weights (+ tokenizer files) so that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads the model.
 
+    Weights over ``shard_bytes`` go to numbered shards with an HF index
+    (``model.safetensors.index.json``), else to one ``model.safetensors``. ``tensors`` may be
+    lazy (``GGUFTensors``, ``LazyTensors``): each tensor is read when its shard is written, so
+    peak memory is about one shard and its serialised bytes, not the model twice.
     Written into a temporary sibling directory and renamed into place (replacing ``out_dir``).
     """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    shapes = tensor_shapes(tensors)
     if cfg.tie_embeddings:
-        arrays.pop("lm_head.weight", None)
-    check_tensors(cfg, arrays, f"write_hf_dir({out_dir})")
+        shapes.pop("lm_head.weight", None)
+    check_shapes(cfg, shapes, f"write_hf_dir({out_dir})")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
+        parts: list[list[str]] = []
+        dtype_name, total, shard, size = None, 0, {}, 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            if shard:
+                save_file(shard, tmp / f"part-{len(parts)}", metadata={"format": "pt"})
+                parts.append(list(shard))
+                shard, size = {}, 0
+
+        for name in shapes:
+            arr = np.ascontiguousarray(np.asarray(tensors[name]))
+            dtype_name = dtype_name or _torch_dtype_name({name: arr})
+            if size and size + arr.nbytes > shard_bytes:
+                flush()
+            shard[name] = arr
+            size += arr.nbytes
+            total += arr.nbytes
+            del arr
+        flush()
+        if len(parts) == 1:
+            os.replace(tmp / "part-0", tmp / SAFETENSORS_FILE)
+        else:
+            weight_map = {}
+            for i, names in enumerate(parts):
+                file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+                os.replace(tmp / f"part-{i}", tmp / file)
+                weight_map.update(dict.fromkeys(names, file))
+            (tmp / SAFETENSORS_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
         hf = cfg.to_hf()
-        hf["torch_dtype"] = hf["dtype"] = _torch_dtype_name(arrays)
+        hf["torch_dtype"] = hf["dtype"] = dtype_name or "float32"
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         gen: dict[str, Any] = {"do_sample": False}
         if cfg.bos_token_id is not None:
@@ -222,7 +269,6 @@ def write_hf_dir(cfg: ModelConfig, tensors: Mapping[str, Any], out_dir: str | Pa
         if eos:
             gen["eos_token_id"] = eos if len(eos) > 1 else eos[0]
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_file(arrays, tmp / SAFETENSORS_FILE, metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if out_dir.exists():
@@ -324,13 +370,45 @@ def unpermute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
+class GGUFTensors(Mapping[str, np.ndarray]):
+    """The tensors of a GGUF file under HF names (``[out, in]``), each dequantised to ``dtype``
+    when indexed: a converter holds one tensor at a time, not the whole model."""
+
+    def __init__(self, reader: Any, cfg: ModelConfig, dtype: Any = np.float32):
+        self._reader, self._cfg, self._dtype = reader, cfg, dtype
+        self._tensors = {gguf_to_hf_name(t.name): t for t in reader.tensors}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(int(d) for d in reversed(t.shape)) for k, t in self._tensors.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        import gguf
+
+        t = self._tensors[name]
+        w = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+        if self._cfg.arch == Arch.LLAMA and ".self_attn.q_proj." in name:
+            w = unpermute_rope_rows(w, self._cfg.num_heads)
+        elif self._cfg.arch == Arch.LLAMA and ".self_attn.k_proj." in name:
+            w = unpermute_rope_rows(w, self._cfg.num_kv_heads)
+        return w.astype(self._dtype, copy=False)
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+
 def read_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Config and dequantised tensors (HF names, ``[out, in]``) of a qwen2/llama GGUF file."""
-    cfg, tensors, _ = _read_gguf(path, dtype)
-    return cfg, tensors
+    cfg, tensors, _ = open_gguf(path, dtype)
+    return cfg, dict(tensors)
 
 
-def _read_gguf(path: str | Path, dtype: Any) -> tuple[ModelConfig, dict[str, np.ndarray], bool]:
+def open_gguf(path: str | Path, dtype: Any = np.float32) -> tuple[ModelConfig, GGUFTensors, bool]:
+    """Config, lazily dequantised tensors (checked against the config) and whether the file
+    carries tokenizer metadata."""
     import gguf
 
     path = Path(path)
@@ -341,22 +419,10 @@ def _read_gguf(path: str | Path, dtype: Any) -> tuple[ModelConfig, dict[str, np.
     except Exception as e:  # the reader raises bare ValueError/IndexError on truncation
         raise WeightsError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); "
                            f"is it truncated? For packaged models run `python -m jaxkd.assets verify NAME`") from e
-    names = {t.name for t in reader.tensors}
-    cfg = gguf_config(reader, names)
-    tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        hf_name = gguf_to_hf_name(t.name)
-        w = gguf.quants.dequantize(t.data, t.tensor_type)
-        w = np.asarray(w, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
-        if cfg.arch == Arch.LLAMA and ".self_attn.q_proj." in hf_name:
-            w = unpermute_rope_rows(w, cfg.num_heads)
-        elif cfg.arch == Arch.LLAMA and ".self_attn.k_proj." in hf_name:
-            w = unpermute_rope_rows(w, cfg.num_kv_heads)
-        tensors[hf_name] = w.astype(dtype, copy=False)
-    has_tokenizer = reader.get_field("tokenizer.ggml.model") is not None
-    del reader
+    cfg = gguf_config(reader, {t.name for t in reader.tensors})
+    tensors = GGUFTensors(reader, cfg, dtype)
     check_tensors(cfg, tensors, str(path))
-    return cfg, tensors, has_tokenizer
+    return cfg, tensors, reader.get_field("tokenizer.ggml.model") is not None
 
 
 # ------------------------------------------------------------------------------------------
@@ -417,7 +483,7 @@ def gguf_to_hf_dir(gguf_path: str | Path, *, sha256: str | None = None) -> Path:
     out = converted_dir(gguf_path, sha256)
     if (out / "jaxkd_source.json").exists():
         return out
-    cfg, tensors, has_tokenizer = _read_gguf(gguf_path, np.float32)
+    cfg, tensors, has_tokenizer = open_gguf(gguf_path, np.float32)
     tokenizer = tokenizer_from_gguf(gguf_path) if has_tokenizer else None
     write_hf_dir(cfg, tensors, out, tokenizer=tokenizer)
     (out / "jaxkd_source.json").write_text(json.dumps(
