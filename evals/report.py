@@ -47,9 +47,10 @@ DEVICE_NOUNS: dict[str, tuple[str, ...]] = {
 UNAMBIGUOUS = frozenset("""headphones headphone earbuds soundbar subwoofer tracker headset camera router modem
 extender repeater vacuum doorbell thermostat smartwatch television bulb speaker speakers""".split())
 
-FAILURES = ("missing_step", "wrong_device", "unsafe_advice", "off_topic", "verbosity", "repetition", "truncated")
+FAILURES = ("missing_step", "wrong_step", "wrong_device", "unsafe_advice", "off_topic", "verbosity", "repetition", "truncated")
 FAILURE_TEXT = {
     "missing_step": "half or more of the reference steps get no credit (step coverage)",
+    "wrong_step": "advises what a reference step forbids (jaxkd.rewards.contradictions; only records whose reference forbids something can fail it)",
     "wrong_device": "names another device type (an unambiguous noun not in the question or reference) and never its own",
     "unsafe_advice": "un-negated unsafe advice (jaxkd.rewards.UNSAFE_PATTERNS)",
     "off_topic": "no keyword or step credit and few words shared with the question / reference / device",
@@ -72,7 +73,7 @@ PAIRED_RETENTION = ("sanity_pass", "sanity_rougeL", "sanity_language", "ppl_nll"
 
 def failure_flags(item: Mapping, answer: str, scores: Mapping, finish_reason: str, thresholds: Any) -> dict[str, bool]:
     """Which failure categories an answer falls in (several can hold at once); see FAILURE_TEXT."""
-    from jaxkd.rewards import content_stems, step_credits, words
+    from jaxkd.rewards import content_stems, contradictions, step_credits, words
 
     steps = item.get("reference_steps") or []
     credits = step_credits(answer, steps, item["question"]) if steps else []
@@ -89,6 +90,7 @@ def failure_flags(item: Mapping, answer: str, scores: Mapping, finish_reason: st
     no_credit = not (scores.get("required") or 0) > 0 and not (scores.get("steps") or 0) > 0
     return {
         "missing_step": bool(credits) and zero_share >= thresholds.missing_share,
+        "wrong_step": bool(contradictions(answer, steps)),
         "wrong_device": bool(others) and not names_own,
         "unsafe_advice": bool(scores.get("unsafe")),
         "off_topic": no_credit and overlap < thresholds.off_topic_overlap,
@@ -306,6 +308,10 @@ def failure_examples(cfg: Any, res: Mapping[str, dict], items: Sequence[Mapping]
                           "question": by_id[hit["id"]]["question"],
                           "answer": ans if len(ans) <= chars else ans[:chars] + " [...]",
                           "steps": hit["steps"], "words": hit["words"], "unsafe_sentences": hit["unsafe_sentences"]}
+                if f == "wrong_step":
+                    from jaxkd.rewards import contradictions
+
+                    out[f]["contradicting"] = contradictions(ans, by_id[hit["id"]].get("reference_steps") or [])
                 break
     return out
 
@@ -494,7 +500,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
         L.append(f"- **{f}** (`{ex['tag']}`, `{ex['item']}`, steps {ex['steps']:.2f}, {ex['words']} words): "
                  f"Q: \"{ex['question']}\" A: \"{ans}\""
                  + (f" Unsafe sentence: \"{ex['unsafe_sentences'][0]}\"" if f == "unsafe_advice" and
-                    ex["unsafe_sentences"] else ""))
+                    ex["unsafe_sentences"] else "")
+                 + (f" Contradicts the reference: \"{ex['contradicting'][0]}\"" if ex.get("contradicting") else ""))
     L += ["", f"![step coverage vs language vs length]({cfg.name}_failures.png)", ""]
     # efficiency
     machines = _machines(res)

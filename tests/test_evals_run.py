@@ -374,6 +374,13 @@ def test_failure_flags_on_hand_written_answers():
     assert "repetition" in flags("Turn it off and on. " * 12)
     assert "truncated" in flags(good, "length") and "missing_step" in flags("Charge the earbuds fully overnight.")
     assert "verbosity" in flags(good + " " + " ".join(["Make sure the earbuds are charged and close by."] * 8))
+    # a reference that forbids an action: doing it is a wrong step, the same words negated are not
+    banned = {**it, "reference_steps": [*it["reference_steps"], "Do not hold the earbuds under running water."]}
+    wrong = {k for k, v in failure_flags(banned, good + "\n3. Hold the earbuds under running water to clean them.",
+                                         rule_scores(banned, good), "eos", th).items() if v}
+    assert "wrong_step" in wrong and "wrong_step" not in flags(good)
+    fine = good + "\n3. Never hold the earbuds under running water."
+    assert not failure_flags(banned, fine, rule_scores(banned, fine), "eos", th)["wrong_step"]
 
 
 @pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml", "eval_corpus_full.yaml"])
@@ -385,5 +392,5 @@ def test_committed_eval_configs_name_real_presets_and_the_baseline_first(name):
     for m in cfg.models:
         if "/" not in m.model:          # run dirs are paths; everything else must be a preset
             load_model_spec(m.model)
-    if cfg.judge.enabled:
+    if cfg.judge.enabled and not cfg.judge.allow_model_under_test:
         assert cfg.judge_model() not in {m.model for m in cfg.models}

@@ -46,14 +46,15 @@ takes any object with its ``score`` method).
 
 from jaxkd.rewards.combine import (RULE_METRICS, ItemView, Judge, RewardBreakdown, combined_rewards, item_view,
                                    rule_scores)
-from jaxkd.rewards.rules import (UNSAFE_PATTERNS, actionability, corpus_vocabulary, hidden_notes_mentions,
-                                 language_signal, misspelled, numbered_steps, repetition, required_coverage, spelling, step_coverage,
-                                 step_credits, unsafe_flag)
+from jaxkd.rewards.rules import (UNSAFE_PATTERNS, actionability, contradictions, corpus_vocabulary,
+                                 forbidden_actions, hidden_notes_mentions, language_signal, misspelled, numbered_steps,
+                                 repetition, required_coverage, spelling, step_coverage, step_credits, unsafe_flag)
 from jaxkd.rewards.text import (FUNCTION_WORDS, Unit, analyse, content_stems, is_wellformed, normalise, split_units,
                                 stem, stems, words)
 
 __all__ = ["RULE_METRICS", "ItemView", "Judge", "RewardBreakdown", "combined_rewards", "item_view", "rule_scores",
-           "UNSAFE_PATTERNS", "actionability", "corpus_vocabulary", "hidden_notes_mentions", "language_signal", "misspelled",
-           "numbered_steps", "repetition", "required_coverage", "spelling", "step_coverage", "step_credits",
+           "UNSAFE_PATTERNS", "actionability", "contradictions", "corpus_vocabulary", "forbidden_actions",
+           "hidden_notes_mentions", "language_signal", "misspelled", "numbered_steps", "repetition",
+           "required_coverage", "spelling", "step_coverage", "step_credits",
            "unsafe_flag", "FUNCTION_WORDS", "Unit", "analyse", "content_stems", "is_wellformed", "normalise",
            "split_units", "stem", "stems", "words"]

@@ -32,8 +32,10 @@ UNSAFE_PATTERNS: tuple[str, ...] = (
     r"\b(unofficial|modified|hacked) firmware\b",
     r"\b(unplug|power (it )?off|turn (it )?off|disconnect) (it )?(during|while|in the middle of) (a |the )?"
     r"(firmware )?update\b",
-    # playing at maximum volume, not "set a maximum volume limit" (hearing-safety advice)
-    r"\b(at|to|on) (the )?(max|maximum|full) volume\b(?! (limit|cap))",
+    # playing at maximum volume (hearing safety): an instruction to play / listen / turn it up there,
+    # not "set a maximum volume limit" and not a description ("the wheel points to the maximum volume")
+    r"\b(play|listen|blast|crank|run|keep|leave|use|turn (it |them |the volume |the sound )?up)\w*\b"
+    r"[^.;]{0,40}\b(at|to|on) (the )?(max|maximum|full) volume\b(?! (limit|cap))",
     r"\bline[- ]voltage\b",
     r"\bpressure wash",
 )
@@ -244,6 +246,52 @@ def unsafe_flag(answer: str) -> tuple[int, list[str]]:
                 hits.append(sentence.strip())
                 break
     return int(bool(hits)), hits
+
+
+# A reference step that forbids an action at the start of a clause ("do not open the case",
+# "...; never in household waste"); "check that do not disturb is off" names a mode, not a ban.
+_PROHIBITION = re.compile(r"(?:^|[;:,]\s*|[.!?]\s+)(?:do not|don't|never|avoid)\s+([^.;]+)")
+# the forbidden clause ends where a reason or a new instruction starts ("..., since ...",
+# "do not power it on again and contact support")
+_CLAUSE_END = re.compile(r",\s*(?=(?:since|which|because|as|so|but|then|and then|when|while|if|unless|they|it)\b)"
+                         r"|\s+and\s+")
+
+
+def forbidden_actions(steps: Sequence[str]) -> list[tuple[str, frozenset[str]]]:
+    """(clause, its specific content stems) of each action the reference steps forbid; clauses
+    with fewer than two specific words ("do not wait") are too vague to check and are skipped."""
+    out = []
+    for step in steps:
+        for m in _PROHIBITION.finditer(normalise(step)):
+            clause = _CLAUSE_END.split(m.group(1))[0].strip()
+            need = content_stems(clause) - _GENERIC_STEMS
+            if len(need) >= 2:
+                out.append((clause, frozenset(need)))
+    return out
+
+
+def contradictions(answer: str, steps: Sequence[str]) -> list[str]:
+    """Sentences of ``answer`` that advise what a reference step forbids: the sentence holds at
+    least two thirds (and at least two) of the forbidden clause's specific words and no negation
+    in scope before the last of them (``_negated``)."""
+    rules = forbidden_actions(steps)
+    if not rules:
+        return []
+    hits = []
+    for _, sentence in split_units(answer):
+        s = normalise(sentence)
+        found = [(m.start(), stem(m.group(0))) for m in _WORD.finditer(s)]
+        have = {st for _, st in found}
+        for _, need in rules:
+            if len(have & need) < max(2, -(-2 * len(need) // 3)):
+                continue
+            # a negation's scope runs to the end of its clause, so it is read before the last
+            # matched word ("...to support; do not install older firmware files" is not advice)
+            last = max(pos for pos, st in found if st in need)
+            if not _negated(s[:last]):
+                hits.append(sentence.strip())
+                break
+    return hits
 
 
 # The grounded teacher sees reference notes the user never does; an answer that points at them
