@@ -27,8 +27,9 @@ from jaxkd.config import Arch, ConfigError, ModelConfig
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Shard size for written checkpoints: small enough that writing one (arrays + serialised bytes)
-# stays near 2 GiB, so converting the 1.5B GGUF does not hold the f32 model twice.
+# Shard size for written checkpoints: writing one (arrays + serialised bytes) stays near 2 GiB, so
+# converting the 1.5B GGUF does not hold the f32 model twice; and loading maps one shard at a time
+# (a single 6.2 GB file left up to 7 GB of file pages resident while the model loaded).
 SHARD_BYTES = 1 << 30
 
 # GGUF tensor name (per layer: after "blk.{i}.") -> HF name (after "model.layers.{i}.")
