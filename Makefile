@@ -88,6 +88,7 @@ evaluate: setup
 EVAL_REPORTS ?= configs/eval_cpu.yaml configs/eval_corpus.yaml configs/eval_corpus_full.yaml
 report: setup
 	for c in $(EVAL_REPORTS); do $(BIN)/python -m evals.run --config $$c --report-only || exit 1; done
+	$(BIN)/python -m evals.judge_diagnostics --config configs/eval_corpus_full.yaml
 	$(BIN)/python -m evals.domain --report --report-tags student_base student_kd student_kd_grounded teacher teacher_grounded
 	$(BIN)/python -m evals.ablation
 

@@ -219,3 +219,18 @@ def test_distilled_paraphrase_items_ask_the_distilled_records_anew():
     seen = {p.record["id"]: p.record["questions"][p.question_index] for p in prompts}
     for it in items:
         assert it["question"] != seen[it["record_id"]] and it["reference_steps"]
+
+
+def test_judge_diagnostics_match_each_answer_to_its_verdict_halves():
+    from evals.judge_diagnostics import halves
+
+    verdicts = [{"criterion": "technical", "item_id": "a#q1", "score": 4.5, "dist": [0.5, 0.5], "steps": 0.4},
+                {"criterion": "technical", "item_id": "a#q1", "score": 6.0, "dist": [0.0, 1.0], "steps": 0.8},
+                {"criterion": "completeness", "item_id": "a#q1", "score": 4.5, "dist": [1.0, 0.0], "steps": 0.1}]
+    got = halves([{"item_id": "a#q1", "scores": {"technical": 6.0}}], verdicts, "technical")
+    assert got == {"a#q1": {"score": 6.0, "rubric": 1.0, "probe": 0.8}}
+    with pytest.raises(KeyError, match="0 candidate rows"):
+        halves([{"item_id": "a#q1", "scores": {"technical": 5.0}}], verdicts, "technical")
+    with pytest.raises(ValueError, match="no step probes"):
+        halves([{"item_id": "b#q1", "scores": {"technical": 1.0}}],
+               [{"criterion": "technical", "item_id": "b#q1", "score": 1.0, "dist": [1.0], "steps": None}], "technical")
