@@ -243,7 +243,10 @@ class Projection(nnx.Module):
             raise ValueError(f"Projection {spec}: input {x.shape} does not end in {self.in_shape}")
         w_oi = self.weight[...].astype(self.compute_dtype).reshape(-1, math.prod(self.in_shape))
         x_mi = x.astype(self.compute_dtype).reshape(*lead, math.prod(self.in_shape))
-        y_mo = jnp.einsum("...i,oi->...o", x_mi, w_oi)
+        # f32 accumulation: XLA:CPU sends bf16 x bf16 -> f32 dots to its fast (oneDNN / AMX) path,
+        # while bf16 -> bf16 dots take a slow one (at M=2560 on a 2-core AMX Xeon: 1.1x slower than
+        # f32 vs 3.0x faster with f32 out; evals/results/bf16_probe.md); f32 is unchanged
+        y_mo = jnp.einsum("...i,oi->...o", x_mi, w_oi, preferred_element_type=jnp.float32).astype(self.compute_dtype)
         if self.lora_rank and self.lora_enabled:
             r = self.lora_rank
             a_ri = self.lora_a[...].astype(self.compute_dtype).reshape(r, -1)
@@ -290,7 +293,8 @@ def gqa_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_
                                  ).reshape(b, 1, g * t, -1)
     scores_bkqs = jnp.where(mask_b1qs, scores_bkqs, MASK_VALUE)
     probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(compute_dtype)
-    out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, v_bksh.astype(compute_dtype))
+    out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, v_bksh.astype(compute_dtype),
+                          preferred_element_type=jnp.float32).astype(compute_dtype)
     return jnp.transpose(out_bkqh.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
