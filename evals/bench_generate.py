@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps)
         res["decode"]["model"] = args.model
     if "weights" not in args.skip:
-        res["weights"] = run_weights(args.model, [1, 8], args.weights_new_tokens, args.reps)
+        res["weights"] = run_weights(args.model, args.batch_sizes, args.weights_new_tokens, args.reps)
         res["weights"]["model"] = args.model
     if "teacher" not in args.skip:
         impls_t = {"jaxkd": (ROOT, ROOT / "configs" / "cpu_default.yaml")}
