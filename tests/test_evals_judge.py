@@ -158,7 +158,7 @@ def test_calibration_pairs_and_report(tmp_path):
     j = json.loads((tmp_path / "judge_calibration.json").read_text())["judges"][f"guarded @ {RUBRIC_VERSION}"]
     assert j["injection"] == "zero" and j["step_criteria"] == ["completeness"]
     assert j["agreement"]["complete_vs_missing_step"]["completeness_steps"]["agree"] == 1.0
-    assert j["flagged"]["n_injected"] == 1 and j["flagged"]["n_other"] == 7
+    assert j["flagged"]["n_injected"] == 1 and j["flagged"]["n_other"] == 2 * len(C.CATEGORIES) - 1
     assert "completeness: step probes x 10" in text and "Injection guard: flagged" in text and "| complete_vs_missing_step | completeness 1.00 (margin +5.00) |" in text
 
 
