@@ -144,7 +144,7 @@ def run_calibration(judge: Any | None, *, per_category: int = 0, categories: Seq
         for k in [k for k in data["judges"] if " @ " not in k]:
             entry = data["judges"].pop(k)
             data["judges"][f"{k} @ {entry['rubric']}"] = entry
-        data["judges"][f"{judge.model_name} @ {RUBRIC_VERSION}"] = {
+        data["judges"][f"{getattr(judge, 'label', judge.model_name)} @ {RUBRIC_VERSION}"] = {
             "n_pairs": len(pairs), "per_category": per_category, "rubric": RUBRIC_VERSION,
             "injection": getattr(cfg, "injection", None), "step_weight": getattr(cfg, "step_weight", None),
             "step_criteria": list(getattr(cfg, "step_criteria", ())),

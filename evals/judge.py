@@ -69,19 +69,25 @@ class Judge:
         self._judge = None
 
     @property
+    def label(self) -> str:
+        """The judge's name in reports: the model, plus its dtype when one is forced."""
+        return self.model_name + (f" ({self.config.dtype})" if self.config.dtype else "")
+
+    @property
     def cache_path(self) -> Path:
         safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(self.model_name).name)
         return self.root / f"{safe}__{RUBRIC_VERSION}.jsonl"
 
     def _llm(self):
         if self._judge is None:
-            from evals.domain import _load_model
-            from jaxkd.judge import LLMJudge, VerdictCache, model_fingerprint
+            from jaxkd.judge import LLMJudge, VerdictCache, judge_fingerprint
+            from jaxkd.serving import load_model
 
             t0 = time.perf_counter()
-            pt, resolved = _load_model(self.model_name)
-            self.log(f"judge {resolved} loaded in {time.perf_counter() - t0:.0f}s")
-            self._judge = LLMJudge(pt.model, pt.tokenizer, fingerprint=model_fingerprint(self.model_name),
+            pt = load_model(self.model_name, param_dtype=self.config.dtype, compute_dtype=self.config.dtype)
+            self.log(f"judge {self.label} loaded in {time.perf_counter() - t0:.0f}s")
+            self._judge = LLMJudge(pt.model, pt.tokenizer, fingerprint=judge_fingerprint(self.model_name,
+                                                                                         self.config.dtype),
                                    config=self.config, cache=VerdictCache(self.cache_path), log=self.log)
         return self._judge
 
@@ -190,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=JudgeConfig().batch_size)
     p.add_argument("--injection", choices=("zero", "strip", "off"), default=JudgeConfig().injection,
                    help="answers that address the grader: 0 on every criterion, judged stripped, or as written")
+    p.add_argument("--judge-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter and matmul dtype of the judge (default: as it loads, float32)")
     p.add_argument("--step-weight", type=float, default=JudgeConfig().step_weight,
                    help="weight of the per-reference-step probes in completeness (0 = rubric score only)")
     args = p.parse_args(argv)
@@ -200,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     name, note = pick_judge(under_test, args.judge)
     print(f"judge: {name}" + (f" ({note})" if note else ""))
     judge = Judge(name, config=JudgeConfig(model=name, batch_size=args.batch_size, injection=args.injection,
-                                           step_weight=args.step_weight))
+                                           step_weight=args.step_weight, dtype=args.judge_dtype))
     if args.tags:
         items = heldout_items(args.split, 0) + distilled_paraphrase_items(args.config, "train")
         by_id = {it["id"]: it for it in items}

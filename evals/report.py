@@ -400,7 +400,8 @@ def build_report(cfg: Any, items: Sequence[Mapping], *, config_path: str = "", c
           "language signal (well-formed share x spelling), repetition = repeated 3-gram share, unsafe = share "
           "with un-negated unsafe advice, words = answer length, truncated = share stopped by the token budget."
           + (" Judge columns (`jaxkd.judge`, judge "
-             f"`{cfg.judge_model()}`): technical accuracy (task success), completeness, utility on 0-10, "
+             f"`{cfg.judge_model()}`" + (f" in {cfg.judge.dtype}" if cfg.judge.dtype else "")
+             + "): technical accuracy (task success), completeness, utility on 0-10, "
              "language on 0-5, expectations over the judge's score-token distribution." if cfg.judge.enabled else
              " The LLM judge was not run (judge.enabled: false)."), ""]
     metrics = list(DOMAIN_METRICS) + (list(JUDGE_METRICS) if cfg.judge.enabled else [])

@@ -91,6 +91,7 @@ class JudgeSection:
     allow_model_under_test: bool = False
     batch_size: int = 8
     max_answer_tokens: int = 512
+    dtype: str | None = None          # the judge model's param / matmul dtype (jaxkd.config.JudgeConfig)
 
 
 @_frozen
@@ -385,7 +386,8 @@ def run_judge(cfg: EvalConfig, items: Sequence[Mapping], *, judge: Any = None, j
     from jaxkd.judge import CRITERIA, RUBRIC_VERSION, Criterion
 
     name = cfg.judge_model()
-    jid = judge_id or weights_identity(name)["id"]
+    jid = judge_id or weights_identity(name)["id"] + ("" if cfg.judge.dtype in (None, "float32")
+                                                     else f":dtype={cfg.judge.dtype}")
     manifest = read_manifest(cfg)
     by_id = {it["id"]: it for it in items}
     out = {}
@@ -404,7 +406,8 @@ def run_judge(cfg: EvalConfig, items: Sequence[Mapping], *, judge: Any = None, j
                 from jaxkd.judge import load_judge
 
                 judge = load_judge(name, config=JudgeConfig(model=name, batch_size=cfg.judge.batch_size,
-                                                            max_answer_tokens=cfg.judge.max_answer_tokens),
+                                                            max_answer_tokens=cfg.judge.max_answer_tokens,
+                                                            dtype=cfg.judge.dtype),
                                    cache_dir=Path(cfg.cache_dir) / "judgements", log=log)
             log(f"[judge {name}] {m.tag}: {len(todo)} answers")
             v = judge.score([by_id[i] for i in todo], [gens.get(entry["domain_keys"][i])["answer"] for i in todo],

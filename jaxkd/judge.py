@@ -313,6 +313,13 @@ def model_fingerprint(name_or_path: str) -> str:
     return f"{path.name}:sha256={h.hexdigest()}"
 
 
+def judge_fingerprint(name_or_path: str, dtype: str | None = None) -> str:
+    """``model_fingerprint`` plus the dtype the judge runs in when it is not the default float32:
+    a bf16 judge's verdicts never answer for the f32 judge's (f32 keys are unchanged)."""
+    fp = model_fingerprint(name_or_path)
+    return fp if dtype in (None, "float32") else f"{fp}:dtype={dtype}"
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -584,14 +591,15 @@ def load_judge(model: str | None = None, *, config: JudgeConfig | None = None,
     config = config or JudgeConfig()
     name = model or config.model
     t0 = time.perf_counter()
-    pt = load_model(name)
-    log(f"judge {pt.name} loaded in {time.perf_counter() - t0:.0f}s from {pt.source}")
+    pt = load_model(name, param_dtype=config.dtype, compute_dtype=config.dtype)
+    log(f"judge {pt.name} ({config.dtype or 'as loaded'}) loaded in {time.perf_counter() - t0:.0f}s from {pt.source}")
     cache = None
     if cache_dir is not None:
         cache = VerdictCache(Path(cache_dir) / f"{Path(str(name)).name}__{RUBRIC_VERSION}.jsonl")
-    return LLMJudge(pt.model, pt.tokenizer, fingerprint=model_fingerprint(name), config=config, cache=cache, log=log)
+    return LLMJudge(pt.model, pt.tokenizer, fingerprint=judge_fingerprint(name, config.dtype), config=config,
+                    cache=cache, log=log)
 
 
 __all__ = ["CRITERIA", "Criterion", "LLMJudge", "RUBRIC_VERSION", "Rubric", "ScoreTokens", "VerdictCache",
-           "Verdicts", "judge_body", "load_judge", "model_fingerprint", "p_yes", "probe_texts", "prompt_texts",
+           "Verdicts", "judge_body", "judge_fingerprint", "load_judge", "model_fingerprint", "p_yes", "probe_texts", "prompt_texts",
            "sanitise_answer", "score_distribution", "score_tokens", "step_probe_text", "yes_no_tokens"]

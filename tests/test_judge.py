@@ -169,6 +169,17 @@ def test_judge_errors_are_clear(tiny):
         JudgeConfig(step_weight=1.5)
     with pytest.raises(ConfigError, match="unknown criteria"):
         JudgeConfig(step_criteria=("steps",))
+    with pytest.raises(ConfigError, match="judge.dtype must be float32 or bfloat16"):
+        JudgeConfig(dtype="float16")
+
+
+def test_a_bf16_judge_has_its_own_fingerprint(tmp_path):
+    from jaxkd.judge import judge_fingerprint, model_fingerprint
+
+    (tmp_path / "m.gguf").write_bytes(b"weights")
+    f32 = model_fingerprint(str(tmp_path / "m.gguf"))
+    assert judge_fingerprint(str(tmp_path / "m.gguf")) == judge_fingerprint(str(tmp_path / "m.gguf"), "float32") == f32
+    assert judge_fingerprint(str(tmp_path / "m.gguf"), "bfloat16") == f32 + ":dtype=bfloat16"
 
 
 # -- the real judge (1.5B, ~9 GB in f32) --------------------------------------------------------
