@@ -27,13 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from evals.bench_generate import stats
 from evals.domain import RESULTS
 
 JUDGE = "qwen2.5-coder-1.5b-instruct"
-
-
-def _stats(ts: list[float]) -> dict[str, float]:
-    return {"min": float(min(ts)), "median": float(np.median(ts)), "n": len(ts)}
 
 
 def _interleaved(fns: dict[str, Callable[[], Any]], reps: int) -> dict[str, list[float]]:
@@ -64,7 +61,7 @@ def matmul_section(reps: int) -> list[dict[str, Any]]:
         t = _interleaved({"f32": lambda: plain(x, w).block_until_ready(),
                           "bf16_out_bf16": lambda: plain(xb, wb).block_until_ready(),
                           "bf16_acc_f32": lambda: acc32(xb, wb).block_until_ready()}, reps)
-        rows.append({"M": m, **{k: _stats(v) for k, v in t.items()}})
+        rows.append({"M": m, **{k: stats(v) for k, v in t.items()}})
         print(f"matmul M={m}: " + ", ".join(f"{k} {1e3 * np.median(v):.2f} ms" for k, v in t.items()), flush=True)
     return rows
 
@@ -89,7 +86,7 @@ def judge_section(reps: int) -> dict[str, Any]:
                       for dt in judges}, reps)
     out: dict[str, Any] = {}
     for dt in judges:
-        out[dt] = {"forward_s": _stats(t[dt]), "technical": got[dt][-1][Criterion.TECHNICAL].score.tolist()}
+        out[dt] = {"forward_s": stats(t[dt]), "technical": got[dt][-1][Criterion.TECHNICAL].score.tolist()}
         print(f"judge {dt}: {np.median(t[dt]):.2f} s median, technical {out[dt]['technical']}", flush=True)
     out["max_abs_score_diff"] = float(np.max(np.abs(np.subtract(out["float32"]["technical"],
                                                                 out["bfloat16"]["technical"]))))

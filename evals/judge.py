@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -75,20 +73,15 @@ class Judge:
 
     @property
     def cache_path(self) -> Path:
-        safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(self.model_name).name)
-        return self.root / f"{safe}__{RUBRIC_VERSION}.jsonl"
+        from jaxkd.judge import verdict_cache_path
+
+        return verdict_cache_path(self.root, self.model_name)
 
     def _llm(self):
         if self._judge is None:
-            from jaxkd.judge import LLMJudge, VerdictCache, judge_fingerprint
-            from jaxkd.serving import load_model
+            from jaxkd.judge import load_judge
 
-            t0 = time.perf_counter()
-            pt = load_model(self.model_name, param_dtype=self.config.dtype, compute_dtype=self.config.dtype)
-            self.log(f"judge {self.label} loaded in {time.perf_counter() - t0:.0f}s")
-            self._judge = LLMJudge(pt.model, pt.tokenizer, fingerprint=judge_fingerprint(self.model_name,
-                                                                                         self.config.dtype),
-                                   config=self.config, cache=VerdictCache(self.cache_path), log=self.log)
+            self._judge = load_judge(self.model_name, config=self.config, cache_dir=self.root, log=self.log)
         return self._judge
 
     def score(self, items: Sequence[Mapping], answers: Sequence[str], criteria: Sequence[Criterion | str] = tuple(

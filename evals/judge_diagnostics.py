@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -62,11 +61,11 @@ def halves(judge_rows: Sequence[Mapping], verdicts: Sequence[Mapping], criterion
 
 
 def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
-    from jaxkd.judge import RUBRIC_VERSION
+    from jaxkd.judge import RUBRIC_VERSION, verdict_cache_path
 
     cache = Path(cfg.cache_dir)
     judge = cfg.judge_model()
-    vpath = cache / "judgements" / f"{re.sub(r'[^A-Za-z0-9_.@-]+', '_', Path(judge).name)}__{RUBRIC_VERSION}.jsonl"
+    vpath = verdict_cache_path(cache / "judgements", judge)
     verdicts = _jsonl(vpath)
     items = {m: {it["id"]: it for it in results["models"][m]["items"]} for m in results["models"]}
     tags = [m.tag for m in cfg.models]

@@ -383,11 +383,10 @@ def run_judge(cfg: EvalConfig, items: Sequence[Mapping], *, judge: Any = None, j
     ``judge``: anything with ``LLMJudge.score``'s signature (tests pass a fake)."""
     from evals.identity import weights_identity
     from evals.measure import JsonlCache, cache_key, now
-    from jaxkd.judge import CRITERIA, RUBRIC_VERSION, Criterion
+    from jaxkd.judge import CRITERIA, RUBRIC_VERSION, Criterion, dtype_tag
 
     name = cfg.judge_model()
-    jid = judge_id or weights_identity(name)["id"] + ("" if cfg.judge.dtype in (None, "float32")
-                                                     else f":dtype={cfg.judge.dtype}")
+    jid = judge_id or weights_identity(name)["id"] + dtype_tag(cfg.judge.dtype)
     manifest = read_manifest(cfg)
     by_id = {it["id"]: it for it in items}
     out = {}

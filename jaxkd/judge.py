@@ -55,6 +55,7 @@ import enum
 import hashlib
 import json
 import platform
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -313,11 +314,22 @@ def model_fingerprint(name_or_path: str) -> str:
     return f"{path.name}:sha256={h.hexdigest()}"
 
 
+def dtype_tag(dtype: str | None) -> str:
+    """What a judge's identity gains from the dtype it runs in: nothing for the default float32
+    (so f32 keys are unchanged), ``:dtype=bfloat16`` otherwise (a bf16 judge's verdicts never
+    answer for the f32 judge's)."""
+    return "" if dtype in (None, "float32") else f":dtype={dtype}"
+
+
 def judge_fingerprint(name_or_path: str, dtype: str | None = None) -> str:
-    """``model_fingerprint`` plus the dtype the judge runs in when it is not the default float32:
-    a bf16 judge's verdicts never answer for the f32 judge's (f32 keys are unchanged)."""
-    fp = model_fingerprint(name_or_path)
-    return fp if dtype in (None, "float32") else f"{fp}:dtype={dtype}"
+    """``model_fingerprint`` plus ``dtype_tag``: the identity in a judge's verdict keys."""
+    return model_fingerprint(name_or_path) + dtype_tag(dtype)
+
+
+def verdict_cache_path(cache_dir: str | Path, name_or_path: str) -> Path:
+    """``<cache_dir>/<model name>__<rubric version>.jsonl``, the name made file-safe."""
+    safe = re.sub(r"[^A-Za-z0-9_.@-]+", "_", Path(str(name_or_path)).name)
+    return Path(cache_dir) / f"{safe}__{RUBRIC_VERSION}.jsonl"
 
 
 def _round_up(n: int, m: int) -> int:
@@ -585,7 +597,7 @@ def load_judge(model: str | None = None, *, config: JudgeConfig | None = None,
                cache_dir: str | Path | None = None, log: Callable[[str], None] = print) -> LLMJudge:
     """An ``LLMJudge`` over anything ``jaxkd.serving.load_model`` takes (a preset, ``.gguf``, HF
     directory or trained run; ``config.model`` by default); with ``cache_dir``, verdicts are cached
-    in ``<cache_dir>/<judge>.jsonl``."""
+    in ``verdict_cache_path(cache_dir, model)``."""
     from jaxkd.serving import load_model
 
     config = config or JudgeConfig()
@@ -593,13 +605,11 @@ def load_judge(model: str | None = None, *, config: JudgeConfig | None = None,
     t0 = time.perf_counter()
     pt = load_model(name, param_dtype=config.dtype, compute_dtype=config.dtype)
     log(f"judge {pt.name} ({config.dtype or 'as loaded'}) loaded in {time.perf_counter() - t0:.0f}s from {pt.source}")
-    cache = None
-    if cache_dir is not None:
-        cache = VerdictCache(Path(cache_dir) / f"{Path(str(name)).name}__{RUBRIC_VERSION}.jsonl")
+    cache = None if cache_dir is None else VerdictCache(verdict_cache_path(cache_dir, name))
     return LLMJudge(pt.model, pt.tokenizer, fingerprint=judge_fingerprint(name, config.dtype), config=config,
                     cache=cache, log=log)
 
 
 __all__ = ["CRITERIA", "Criterion", "LLMJudge", "RUBRIC_VERSION", "Rubric", "ScoreTokens", "VerdictCache",
-           "Verdicts", "judge_body", "judge_fingerprint", "load_judge", "model_fingerprint", "p_yes", "probe_texts", "prompt_texts",
-           "sanitise_answer", "score_distribution", "score_tokens", "step_probe_text", "yes_no_tokens"]
+           "Verdicts", "dtype_tag", "judge_body", "judge_fingerprint", "load_judge", "model_fingerprint", "p_yes",
+           "probe_texts", "prompt_texts", "sanitise_answer", "score_distribution", "score_tokens", "step_probe_text", "yes_no_tokens"]
