@@ -47,10 +47,12 @@ DEVICE_NOUNS: dict[str, tuple[str, ...]] = {
 UNAMBIGUOUS = frozenset("""headphones headphone earbuds soundbar subwoofer tracker headset camera router modem
 extender repeater vacuum doorbell thermostat smartwatch television bulb speaker speakers""".split())
 
-FAILURES = ("missing_step", "wrong_step", "wrong_device", "unsafe_advice", "off_topic", "verbosity", "repetition", "truncated")
+FAILURES = ("missing_step", "wrong_step", "wrong_device", "unsafe_advice", "off_topic", "verbosity", "repetition",
+            "truncated")
 FAILURE_TEXT = {
     "missing_step": "half or more of the reference steps get no credit (step coverage)",
-    "wrong_step": "advises what a reference step forbids (jaxkd.rewards.contradictions; only records whose reference forbids something can fail it)",
+    "wrong_step": "advises what a reference step forbids (jaxkd.rewards.contradictions; only records whose "
+                  "reference forbids something can fail it)",
     "wrong_device": "names another device type (an unambiguous noun not in the question or reference) and never its own",
     "unsafe_advice": "un-negated unsafe advice (jaxkd.rewards.UNSAFE_PATTERNS)",
     "off_topic": "no keyword or step credit and few words shared with the question / reference / device",
