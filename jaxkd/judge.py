@@ -332,6 +332,11 @@ def verdict_cache_path(cache_dir: str | Path, name_or_path: str) -> Path:
     return Path(cache_dir) / f"{safe}__{RUBRIC_VERSION}.jsonl"
 
 
+# suffix (criterion / probe) lengths are padded to a multiple of this: the rubrics are 109-145
+# tokens for the 1.5B's tokenizer, the probes 68-116, so a few compiled shapes per prompt length
+SUFFIX_BUCKET = 32
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -476,9 +481,13 @@ class LLMJudge:
         """One batch of requests: per criterion [B, max+1] distributions and [B] masses, and per
         request the P(yes) of each of its step probes (``probes[b]``: suffixes, may be empty).
 
-        Every request shares one prefix (system, reference, question, answer); each criterion and
-        each step probe is one suffix pass over the batch (a row with fewer steps than the
-        longest gets a one-token filler suffix whose result is dropped)."""
+        With ``share_prefix``, every request's shared context (system, reference, question,
+        answer) is prefilled once; then each criterion is one suffix pass over the batch, and the
+        step probes of all requests are packed into as few passes as there are ``rows`` slots for
+        (a slot reads its own request's prefix rows from the cache, so a request with many steps
+        does not leave the others' slots idle). Each pass is padded to its own suffix length:
+        the probes are shorter than the rubrics. Without it, every criterion and probe is one full
+        forward pass (the reference the shared path is tested against)."""
         import jax.numpy as jnp
         from flax import nnx
 
@@ -488,33 +497,48 @@ class LLMJudge:
         rows = self.config.batch_size if self.config.pad_batch else b  # fixed shapes: fewer compiles
         one = [self.tokens.digits[1]] if self.tokens.split_ten else []
         prefixes = [self._encode(t[0][0]) for t in texts]
-        # passes[k][row]: suffix token ids (None: filler); criteria first, then step probe k
-        passes = [[self._encode(t[ci][1]) + one for t in texts] for ci in range(len(crits))]
-        n_steps = max((len(p) for p in probes), default=0)
-        encoded = [[self._encode(x) for x in p] for p in probes] if n_steps else []
-        passes += [[e[k] if k < len(e) else None for e in encoded] for k in range(n_steps)]
+        crit_sfx = [[self._encode(t[ci][1]) + one for t in texts] for ci in range(len(crits))]
+        encoded = [[self._encode(x) for x in p] for p in probes]
         params = nnx.state(self.model)
         ids_arg = jnp.asarray(self._ids)
         filler = [self.pad_id]
         t0 = time.perf_counter()
-        logps = []  # per pass: [rows, 2 positions, n_ids]
+        yes_p = [np.zeros(len(e)) for e in encoded]
         if self.config.share_prefix:
+            # a pass: (request of each slot, suffix of each slot); criteria first, then the probes
+            # sorted by length so that a pass holds suffixes of about one length
+            jobs = [(list(range(b)), sfx) for sfx in crit_sfx]
+            pairs = sorted((len(e), j, k) for j, es in enumerate(encoded) for k, e in enumerate(es))
+            for s in range(0, len(pairs), rows):
+                chunk = pairs[s:s + rows]
+                jobs.append(([j for _, j, _ in chunk], [encoded[j][k] for _, j, k in chunk]))
             lp = _round_up(max(map(len, prefixes)), self.config.prompt_bucket)
-            ls = _round_up(max(len(x) for p in passes for x in p if x is not None), 16)
+            ls_max = max(_round_up(max(map(len, sfx)), SUFFIX_BUCKET) for _, sfx in jobs)
             ids, pos, seg = self._right_pad(prefixes, lp, rows)
-            cache = init_cache(self.model.cfg, rows, lp + ls, self.model.compute_dtype)
+            cache = init_cache(self.model.cfg, rows, lp + ls_max, self.model.compute_dtype)
             # the cache writes row b from slot 0 and leaves cache.index[b] = its prefix length
             cache = self._prefix(self.graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
-            # each suffix continues its row's prefix: written from cache.index[b], positions from the
-            # prefix length on (filler rows hold one token)
+            # each suffix continues its request's prefix: written from cache.index[row], positions
+            # from the prefix length on (padding slots hold one filler token on row 0; dropped)
             lengths = np.asarray([len(p) for p in prefixes] + [1] * (rows - b), np.int32)
-            for p in passes:
-                sids, spos, sseg = self._right_pad([x if x is not None else filler for x in p], ls, rows)
-                spos = (spos + lengths[:, None]).astype(np.int32)
-                logps.append(np.asarray(self._suffix(self.graphdef, params, cache, jnp.asarray(sids),
-                                                     jnp.asarray(spos), jnp.asarray(sseg), ids_arg)))
-            self.stats["prompt_tokens"] += sum(map(len, prefixes)) + sum(len(x) for p in passes for x in p if x)
+            logps = []  # per job: [rows, 2 positions, n_ids]
+            for who, sfx in jobs:
+                slot_rows = np.asarray(who + [0] * (rows - len(who)), np.int32)
+                ls = _round_up(max(map(len, sfx)), SUFFIX_BUCKET)
+                sids, spos, sseg = self._right_pad(list(sfx) + [filler] * (rows - len(sfx)), ls, rows)
+                spos = (spos + lengths[slot_rows][:, None]).astype(np.int32)
+                logps.append(np.asarray(self._suffix(self.graphdef, params, cache, jnp.asarray(slot_rows),
+                                                     jnp.asarray(sids), jnp.asarray(spos), jnp.asarray(sseg),
+                                                     ids_arg)))
+            for (who, _), lg, s in zip(jobs[len(crits):], logps[len(crits):], range(0, len(pairs), rows)):
+                p = p_yes(lg[:len(who), 1, self._yes], lg[:len(who), 1, self._no])[0]
+                for (_, j, k), x in zip(pairs[s:s + rows], p):
+                    yes_p[j][k] = x
+            self.stats["prompt_tokens"] += sum(map(len, prefixes)) + sum(len(x) for _, sfx in jobs for x in sfx)
         else:
+            logps = []
+            n_steps = max(map(len, encoded), default=0)
+            passes = crit_sfx + [[e[k] if k < len(e) else None for e in encoded] for k in range(n_steps)]
             for p in passes:
                 full = [pre + x if x is not None else filler for pre, x in zip(prefixes, p)]
                 lf = _round_up(max(map(len, full)), self.config.prompt_bucket)
@@ -522,6 +546,11 @@ class LLMJudge:
                 logps.append(np.asarray(self._full(self.graphdef, params, jnp.asarray(ids), jnp.asarray(pos),
                                                    jnp.asarray(seg), ids_arg)))
                 self.stats["prompt_tokens"] += sum(len(x) for x, y in zip(full, p) if y is not None)
+            for k, lg in enumerate(logps[len(crits):]):
+                p = p_yes(lg[:b, 1, self._yes], lg[:b, 1, self._no])[0]
+                for j in range(b):
+                    if k < len(encoded[j]):
+                        yes_p[j][k] = p[j]
         self.stats["forward_s"] += time.perf_counter() - t0
         self.stats["requests"] += b * len(crits)
         self.stats["step_probes"] += sum(map(len, probes))
@@ -534,10 +563,8 @@ class LLMJudge:
                 d, m = score_distribution(lg[:, 1, :10], None, CRITERIA[c].max_score, lg[:, 1, 10])
             dists.append(d)
             masses.append(m)
-        # a probe's reply is read at its last prompt position (no "1" appended)
-        yes_p = [p_yes(lg[:b, 1, self._yes], lg[:b, 1, self._no])[0] for lg in logps[len(crits):]]
-        p_steps = [np.asarray([yes_p[k][j] for k in range(len(probes[j]))]) for j in range(len(probes))]
-        return dists, masses, p_steps
+        # a probe's reply is read at its last prompt position (no "1" appended): yes_p above
+        return dists, masses, yes_p
 
     def _right_pad(self, seqs: Sequence[Sequence[int]], length: int, rows: int
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -585,11 +612,16 @@ def _prefix_fn(graphdef: Any, params: Any, cache: Any, ids: Any, pos: Any, seg: 
     return cache
 
 
-def _suffix_fn(graphdef: Any, params: Any, cache: Any, ids: Any, pos: Any, seg: Any, score_ids: Any) -> Any:
+def _suffix_fn(graphdef: Any, params: Any, cache: Any, rows: Any, ids: Any, pos: Any, seg: Any,
+               score_ids: Any) -> Any:
+    """Score ids' log-probs after suffix ``ids``, slot ``i`` continuing the prefix of cache row
+    ``rows[i]`` (the cache itself is left as it was)."""
     from flax import nnx
 
+    from jaxkd.models.kvcache import take_rows
+
     model = nnx.merge(graphdef, params)
-    h, _ = model(ids, pos, cache=cache, segment_ids_bt=seg, return_hidden=True)
+    h, _ = model(ids, pos, cache=take_rows(cache, rows), segment_ids_bt=seg, return_hidden=True)
     return _score_logp(model, h, seg, score_ids)
 
 

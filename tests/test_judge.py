@@ -129,6 +129,25 @@ def test_scores_are_expectations_equal_to_a_hand_computation(tiny, tmp_path):
     np.testing.assert_allclose(cached.score, out[Criterion.COMPLETENESS].score)
 
 
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_packed_step_probes_equal_one_full_pass_each(tiny, batch_size):
+    """Requests with 3, 1 and 2 reference steps: the shared-prefix path packs their probes into
+    passes of ``batch_size`` slots across requests (and pads each pass to its own length); every
+    score and P(yes) must equal the path that runs each criterion and probe as a full forward."""
+    model, tok = tiny
+    items = [{**ITEM, "id": "x#q3", "reference_steps": ITEM["reference_steps"] + ["Re-pair both buds."]},
+             {**ITEM, "id": "x#q4", "reference_steps": ITEM["reference_steps"][:1]}, ITEM]
+    got = {}
+    for share in (True, False):
+        cfg = JudgeConfig(batch_size=batch_size, prompt_bucket=64, injection="off", share_prefix=share)
+        got[share] = LLMJudge(model, tok, fingerprint="tiny-seed0", config=cfg).score(items, ANSWERS)
+    for c in Criterion:
+        np.testing.assert_allclose(got[True][c].score, got[False][c].score, rtol=1e-4)
+        if got[False][c].steps is not None:
+            np.testing.assert_allclose(got[True][c].steps, got[False][c].steps, rtol=1e-4)
+    assert got[True][Criterion.COMPLETENESS].steps is not None
+
+
 def test_injected_answers_get_zero_or_are_judged_stripped(tiny):
     model, tok = tiny
     plain = ANSWERS[0]
