@@ -11,7 +11,8 @@ mean, each half's paired difference to the baseline (record-level bootstrap, the
 as the report), and the item-level correlation of the probe half with the rule step coverage
 (what the probes are meant to measure) and with the answer length (what they should not).
 
-Each model's judge rows (``<cache>/<tag>/judge.jsonl``: scores only) are matched to the verdict
+Each model's judge rows (``<cache>/<tag>/judge.jsonl``: scores only; those its manifest entry
+names, as in the report) are matched to the verdict
 cache rows that hold the halves (``<cache>/judgements/<judge>__<rubric>.jsonl``) by item and exact
 score; a row without exactly one match is an error, never a guess.
 """
@@ -60,10 +61,28 @@ def halves(judge_rows: Sequence[Mapping], verdicts: Sequence[Mapping], criterion
     return out
 
 
+def judge_rows(cache: Path, manifest: Mapping[str, Any], tag: str, judge: str) -> list[dict]:
+    """``tag``'s rows in ``<cache>/<tag>/judge.jsonl`` that its manifest entry names: the file also
+    holds other judges' rows for the same answers (another judge model or dtype; a run under way)."""
+    entry = manifest.get(tag, {}).get("judge")
+    if not entry:
+        raise KeyError(f"{tag}: its manifest entry names no judge scores: run the judge first")
+    if entry["model"] != judge:
+        raise ValueError(f"{tag}: the manifest's judge scores are {entry['model']}'s, the config's judge is {judge}")
+    keys = set(entry["keys"].values())
+    rows = [r for r in _jsonl(cache / tag / "judge.jsonl") if r["key"] in keys]
+    if len({r["key"] for r in rows}) != len(keys):
+        raise KeyError(f"{tag}: {len(keys) - len({r['key'] for r in rows})} of the manifest's judge keys are "
+                       f"missing from {cache / tag / 'judge.jsonl'}")
+    return rows
+
+
 def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
+    from evals.measure import read_manifest
     from jaxkd.judge import RUBRIC_VERSION, verdict_cache_path
 
     cache = Path(cfg.cache_dir)
+    manifest = read_manifest(cfg)
     judge = cfg.judge_model()
     vpath = verdict_cache_path(cache / "judgements", judge)
     verdicts = _jsonl(vpath)
@@ -77,7 +96,7 @@ def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
          f"differences vs `{base}` with 95% record-level bootstrap intervals (unadjusted: diagnostics, not "
          "headline comparisons).", ""]
     for c in CRITERIA:
-        per = {t: halves(_jsonl(cache / t / "judge.jsonl"), verdicts, c) for t in tags}
+        per = {t: halves(judge_rows(cache, manifest, t, judge), verdicts, c) for t in tags}
         L += [f"## {c}", "",
               "| model | n | score | rubric half (0-10) | probe P(yes) | score - base | rubric - base | "
               "probe - base | corr(probe, rule steps) | corr(probe, words) |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -234,3 +234,21 @@ def test_judge_diagnostics_match_each_answer_to_its_verdict_halves():
     with pytest.raises(ValueError, match="no step probes"):
         halves([{"item_id": "b#q1", "scores": {"technical": 1.0}}],
                [{"criterion": "technical", "item_id": "b#q1", "score": 1.0, "dist": [1.0], "steps": None}], "technical")
+
+
+def test_judge_diagnostics_read_only_the_rows_of_the_manifest_judge(tmp_path):
+    from evals.judge_diagnostics import judge_rows
+
+    (tmp_path / "m").mkdir()
+    rows = [{"key": "k05", "item_id": "a#q1", "scores": {"technical": 6.0}},
+            {"key": "k15", "item_id": "a#q1", "scores": {"technical": 3.0}}]   # another judge's row
+    (tmp_path / "m" / "judge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = {"m": {"judge": {"model": "small", "keys": {"a#q1": "k05"}}}}
+    assert judge_rows(tmp_path, manifest, "m", "small") == rows[:1]
+    with pytest.raises(ValueError, match="config's judge is big"):
+        judge_rows(tmp_path, manifest, "m", "big")
+    with pytest.raises(KeyError, match="1 of the manifest's judge keys are missing"):
+        judge_rows(tmp_path, {"m": {"judge": {"model": "small", "keys": {"a#q1": "k05", "b#q1": "kb"}}}},
+                   "m", "small")
+    with pytest.raises(KeyError, match="names no judge scores"):
+        judge_rows(tmp_path, {"m": {}}, "m", "small")
