@@ -86,10 +86,10 @@ evaluate: setup
 # Rebuild the committed reports from the committed per-model results and caches (no model runs):
 # evals/results/eval_report.{md,json,png} from the caches of `python -m evals.run --config $(EVAL_CONFIG)`.
 # every committed report of evals.run whose caches are committed (configs/eval.yaml's are not)
-EVAL_REPORTS ?= configs/eval_cpu.yaml configs/eval_corpus.yaml configs/eval_corpus_full.yaml
+EVAL_REPORTS ?= configs/eval_cpu.yaml configs/eval_corpus.yaml configs/eval_corpus_full.yaml configs/eval_corpus_judged.yaml
 report: setup
 	for c in $(EVAL_REPORTS); do $(BIN)/python -m evals.run --config $$c --report-only || exit 1; done
-	$(BIN)/python -m evals.judge_diagnostics --config configs/eval_corpus_full.yaml
+	for c in configs/eval_corpus_full.yaml configs/eval_corpus_judged.yaml; do $(BIN)/python -m evals.judge_diagnostics --config $$c || exit 1; done
 	$(BIN)/python -m evals.domain --report --report-tags student_base student_kd student_kd_grounded teacher teacher_grounded
 	$(BIN)/python -m evals.ablation
 

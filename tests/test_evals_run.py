@@ -383,7 +383,8 @@ def test_failure_flags_on_hand_written_answers():
     assert not failure_flags(banned, fine, rule_scores(banned, fine), "eos", th)["wrong_step"]
 
 
-@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml", "eval_corpus_full.yaml"])
+@pytest.mark.parametrize("name", ["eval.yaml", "eval_cpu.yaml", "eval_corpus.yaml", "eval_corpus_full.yaml",
+                                  "eval_corpus_judged.yaml"])
 def test_committed_eval_configs_name_real_presets_and_the_baseline_first(name):
     from jaxkd.config import CONFIG_DIR, load_model_spec
 
