@@ -509,9 +509,8 @@ class LLMJudge:
             # sorted by length so that a pass holds suffixes of about one length
             jobs = [(list(range(b)), sfx) for sfx in crit_sfx]
             pairs = sorted((len(e), j, k) for j, es in enumerate(encoded) for k, e in enumerate(es))
-            for s in range(0, len(pairs), rows):
-                chunk = pairs[s:s + rows]
-                jobs.append(([j for _, j, _ in chunk], [encoded[j][k] for _, j, k in chunk]))
+            chunks = [pairs[s:s + rows] for s in range(0, len(pairs), rows)]
+            jobs += [([j for _, j, _ in ch], [encoded[j][k] for _, j, k in ch]) for ch in chunks]
             lp = _round_up(max(map(len, prefixes)), self.config.prompt_bucket)
             ls_max = max(_round_up(max(map(len, sfx)), SUFFIX_BUCKET) for _, sfx in jobs)
             ids, pos, seg = self._right_pad(prefixes, lp, rows)
@@ -520,7 +519,7 @@ class LLMJudge:
             cache = self._prefix(self.graphdef, params, cache, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg))
             # each suffix continues its request's prefix: written from cache.index[row], positions
             # from the prefix length on (padding slots hold one filler token on row 0; dropped)
-            lengths = np.asarray([len(p) for p in prefixes] + [1] * (rows - b), np.int32)
+            lengths = np.asarray([len(p) for p in prefixes], np.int32)
             logps = []  # per job: [rows, 2 positions, n_ids]
             for who, sfx in jobs:
                 slot_rows = np.asarray(who + [0] * (rows - len(who)), np.int32)
@@ -530,9 +529,9 @@ class LLMJudge:
                 logps.append(np.asarray(self._suffix(self.graphdef, params, cache, jnp.asarray(slot_rows),
                                                      jnp.asarray(sids), jnp.asarray(spos), jnp.asarray(sseg),
                                                      ids_arg)))
-            for (who, _), lg, s in zip(jobs[len(crits):], logps[len(crits):], range(0, len(pairs), rows)):
-                p = p_yes(lg[:len(who), 1, self._yes], lg[:len(who), 1, self._no])[0]
-                for (_, j, k), x in zip(pairs[s:s + rows], p):
+            for ch, lg in zip(chunks, logps[len(crits):]):
+                p = p_yes(lg[:len(ch), 1, self._yes], lg[:len(ch), 1, self._no])[0]
+                for (_, j, k), x in zip(ch, p):
                     yes_p[j][k] = x
             self.stats["prompt_tokens"] += sum(map(len, prefixes)) + sum(len(x) for _, sfx in jobs for x in sfx)
         else:
