@@ -62,19 +62,20 @@ def halves(judge_rows: Sequence[Mapping], verdicts: Sequence[Mapping], criterion
 
 
 def judge_rows(cache: Path, manifest: Mapping[str, Any], tag: str, judge: str) -> list[dict]:
-    """``tag``'s rows in ``<cache>/<tag>/judge.jsonl`` that its manifest entry names: the file also
-    holds other judges' rows for the same answers (another judge model or dtype; a run under way)."""
+    """``tag``'s judge.jsonl rows that its manifest entry names (``evals.report.judge_scores``, as
+    the report reads them), checked to be ``judge``'s and complete."""
+    from evals.report import judge_scores
+
     entry = manifest.get(tag, {}).get("judge")
     if not entry:
         raise KeyError(f"{tag}: its manifest entry names no judge scores: run the judge first")
     if entry["model"] != judge:
         raise ValueError(f"{tag}: the manifest's judge scores are {entry['model']}'s, the config's judge is {judge}")
-    keys = set(entry["keys"].values())
-    rows = [r for r in _jsonl(cache / tag / "judge.jsonl") if r["key"] in keys]
-    if len({r["key"] for r in rows}) != len(keys):
-        raise KeyError(f"{tag}: {len(keys) - len({r['key'] for r in rows})} of the manifest's judge keys are "
-                       f"missing from {cache / tag / 'judge.jsonl'}")
-    return rows
+    rows = judge_scores(cache / tag, tag, entry)
+    missing = sum(r is None for r in rows.values())
+    if missing:
+        raise KeyError(f"{tag}: {missing} of the manifest's judge keys are missing from {cache / tag / 'judge.jsonl'}")
+    return list(rows.values())
 
 
 def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
@@ -95,8 +96,9 @@ def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
          "(1 - w) x rubric expectation (0-10) + w x 10 x probe P(yes), w = judge.step_weight. Paired "
          f"differences vs `{base}` with 95% record-level bootstrap intervals (unadjusted: diagnostics, not "
          "headline comparisons).", ""]
+    rows = {t: judge_rows(cache, manifest, t, judge) for t in tags}
     for c in CRITERIA:
-        per = {t: halves(judge_rows(cache, manifest, t, judge), verdicts, c) for t in tags}
+        per = {t: halves(rows[t], verdicts, c) for t in tags}
         L += [f"## {c}", "",
               "| model | n | score | rubric half (0-10) | probe P(yes) | score - base | rubric - base | "
               "probe - base | corr(probe, rule steps) | corr(probe, words) |", "|---|---|---|---|---|---|---|---|---|---|"]

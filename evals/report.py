@@ -140,6 +140,15 @@ class StaleCache(RuntimeError):
     """The caches do not hold what the config asks for; the message says what to run."""
 
 
+def judge_scores(model_dir: Path, tag: str, judge_entry: Mapping[str, Any]) -> dict[str, dict | None]:
+    """item id -> ``tag``'s row in ``<model_dir>/judge.jsonl`` for the judge its manifest entry
+    names (None where missing): the file also holds other judges' rows for the same answers."""
+    from evals.measure import JsonlCache
+
+    jc = JsonlCache(Path(model_dir) / "judge.jsonl")
+    return {i: jc.get(k) for i, k in judge_entry["keys"].items()}
+
+
 def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
     """Per tag: scored domain items, sanity items, perplexity, efficiency, judge scores and the
     manifest entry, all from the caches."""
@@ -186,8 +195,7 @@ def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
             j = e.get("judge")
             if not j:
                 raise StaleCache(f"{m.tag}: judge enabled but no judge scores cached; {rerun}")
-            jc = JsonlCache(d / "judge.jsonl")
-            scores = {i: jc.get(k) for i, k in j["keys"].items()}
+            scores = judge_scores(d, m.tag, j)
             if any(v is None for v in scores.values()):
                 raise StaleCache(f"{m.tag}: judge scores missing from judge.jsonl; {rerun}")
             for rec in r["domain"]:
