@@ -61,17 +61,16 @@ def halves(judge_rows: Sequence[Mapping], verdicts: Sequence[Mapping], criterion
     return out
 
 
-def judge_rows(cache: Path, manifest: Mapping[str, Any], tag: str, judge: str) -> list[dict]:
+def judge_rows(cache: Path, manifest: Mapping[str, Any], tag: str, judge: str,
+               dtype: str | None = None) -> list[dict]:
     """``tag``'s judge.jsonl rows that its manifest entry names (``evals.report.judge_scores``, as
-    the report reads them), checked to be ``judge``'s and complete."""
+    the report reads them), checked to be ``judge``'s in ``dtype`` and complete."""
     from evals.report import judge_scores
 
     entry = manifest.get(tag, {}).get("judge")
     if not entry:
         raise KeyError(f"{tag}: its manifest entry names no judge scores: run the judge first")
-    if entry["model"] != judge:
-        raise ValueError(f"{tag}: the manifest's judge scores are {entry['model']}'s, the config's judge is {judge}")
-    rows = judge_scores(cache / tag, tag, entry)
+    rows = judge_scores(cache / tag, tag, entry, judge, dtype)
     missing = sum(r is None for r in rows.values())
     if missing:
         raise KeyError(f"{tag}: {missing} of the manifest's judge keys are missing from {cache / tag / 'judge.jsonl'}")
@@ -96,7 +95,7 @@ def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
          "(1 - w) x rubric expectation (0-10) + w x 10 x probe P(yes), w = judge.step_weight. Paired "
          f"differences vs `{base}` with 95% record-level bootstrap intervals (unadjusted: diagnostics, not "
          "headline comparisons).", ""]
-    rows = {t: judge_rows(cache, manifest, t, judge) for t in tags}
+    rows = {t: judge_rows(cache, manifest, t, judge, cfg.judge.dtype) for t in tags}
     for c in CRITERIA:
         per = {t: halves(rows[t], verdicts, c) for t in tags}
         L += [f"## {c}", "",

@@ -140,11 +140,20 @@ class StaleCache(RuntimeError):
     """The caches do not hold what the config asks for; the message says what to run."""
 
 
-def judge_scores(model_dir: Path, tag: str, judge_entry: Mapping[str, Any]) -> dict[str, dict | None]:
+def judge_scores(model_dir: Path, tag: str, judge_entry: Mapping[str, Any], judge: str,
+                 dtype: str | None = None) -> dict[str, dict | None]:
     """item id -> ``tag``'s row in ``<model_dir>/judge.jsonl`` for the judge its manifest entry
-    names (None where missing): the file also holds other judges' rows for the same answers."""
+    names (None where missing): the file also holds other judges' rows for the same answers.
+    The entry must be the config's judge (``judge``) in the config's ``dtype``; otherwise the
+    manifest was last judged under another config or override, and mixing its rows with another
+    model's would compare two judges."""
     from evals.measure import JsonlCache
 
+    have = judge_entry["weights"].partition(":dtype=")[2] or "float32"   # see jaxkd.judge.dtype_tag
+    if judge_entry["model"] != judge or have != (dtype or "float32"):
+        raise StaleCache(f"{tag}: the manifest's judge scores are {judge_entry['model']}'s ({have}), the config's "
+                         f"judge is {judge} ({dtype or 'float32'}); run `python -m evals.run --config <this config> "
+                         f"--judge-only`")
     jc = JsonlCache(Path(model_dir) / "judge.jsonl")
     return {i: jc.get(k) for i, k in judge_entry["keys"].items()}
 
@@ -195,7 +204,7 @@ def load_results(cfg: Any, items: Sequence[Mapping]) -> dict[str, dict]:
             j = e.get("judge")
             if not j:
                 raise StaleCache(f"{m.tag}: judge enabled but no judge scores cached; {rerun}")
-            scores = judge_scores(d, m.tag, j)
+            scores = judge_scores(d, m.tag, j, cfg.judge_model(), cfg.judge.dtype)
             if any(v is None for v in scores.values()):
                 raise StaleCache(f"{m.tag}: judge scores missing from judge.jsonl; {rerun}")
             for rec in r["domain"]:

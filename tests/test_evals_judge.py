@@ -243,12 +243,21 @@ def test_judge_diagnostics_read_only_the_rows_of_the_manifest_judge(tmp_path):
     rows = [{"key": "k05", "item_id": "a#q1", "scores": {"technical": 6.0}},
             {"key": "k15", "item_id": "a#q1", "scores": {"technical": 3.0}}]   # another judge's row
     (tmp_path / "m" / "judge.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = {"m": {"judge": {"model": "small", "keys": {"a#q1": "k05"}}}}
-    assert judge_rows(tmp_path, manifest, "m", "small") == rows[:1]
-    with pytest.raises(ValueError, match="config's judge is big"):
-        judge_rows(tmp_path, manifest, "m", "big")
+    from evals.report import StaleCache
+
+    manifest = {"m": {"judge": {"model": "small", "weights": "w05:dtype=bfloat16", "keys": {"a#q1": "k05"}}}}
+    assert judge_rows(tmp_path, manifest, "m", "small", "bfloat16") == rows[:1]
+    with pytest.raises(StaleCache, match="config's judge is big"):
+        judge_rows(tmp_path, manifest, "m", "big", "bfloat16")
+    # the same judge in another dtype is another judge: its keys differ, so are its scores
+    with pytest.raises(StaleCache, match=r"small's \(bfloat16\), the config's judge is small \(float32\)"):
+        judge_rows(tmp_path, manifest, "m", "small")
+    f32 = {"m": {"judge": {"model": "small", "weights": "w05", "keys": {"a#q1": "k05"}}}}
+    with pytest.raises(StaleCache, match=r"small's \(float32\), the config's judge is small \(bfloat16\)"):
+        judge_rows(tmp_path, f32, "m", "small", "bfloat16")
+    assert judge_rows(tmp_path, f32, "m", "small", "float32") == rows[:1]
     with pytest.raises(KeyError, match="1 of the manifest's judge keys are missing"):
-        judge_rows(tmp_path, {"m": {"judge": {"model": "small", "keys": {"a#q1": "k05", "b#q1": "kb"}}}},
-                   "m", "small")
+        judge_rows(tmp_path, {"m": {"judge": {"model": "small", "weights": "w05",
+                                              "keys": {"a#q1": "k05", "b#q1": "kb"}}}}, "m", "small")
     with pytest.raises(KeyError, match="names no judge scores"):
         judge_rows(tmp_path, {"m": {}}, "m", "small")

@@ -352,6 +352,13 @@ def test_judge_scores_are_cached_per_answer_and_reported(evaluated):
     assert data["summary"]["domain"]["a"]["judge_technical"]["mean"] == 5.0
     assert data["summary"]["domain"]["a"]["judge_language"]["mean"] == 2.0   # 0-5 scale, mid = 2
     assert data["summary"]["comparisons"] == 3 + 4 + 4
+    # the manifest names fake-judge's scores: a config asking for another judge (or dtype) gets none
+    from evals.report import StaleCache
+
+    with pytest.raises(StaleCache, match=r"fake-judge's \(float32\), the config's judge is other \(float32\)"):
+        build_report(_cfg(tmp, judge={"enabled": True, "model": "other"}), ITEMS)
+    with pytest.raises(StaleCache, match=r"the config's judge is fake-judge \(bfloat16\)"):
+        build_report(_cfg(tmp, judge={"enabled": True, "model": "fake-judge", "dtype": "bfloat16"}), ITEMS)
 
 
 def test_failure_flags_on_hand_written_answers():
