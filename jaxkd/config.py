@@ -488,6 +488,31 @@ class DomainSamplingConfig:
 
 
 @_frozen
+class ReplayConfig:
+    """General replay (``stage=teacher`` and ``stage=kd``): the base student answers general chat
+    prompts once, with its top-k captured like the teacher's; KD then draws ``fraction`` of its
+    rows from those answers, so on them the loss is CE + KL to the base student itself. A student
+    trained on troubleshooting answers alone answers every question in numbered steps; the replay
+    rows show it, under the same system prompt, what it answered before."""
+
+    enabled: bool = False
+    prompts: str = "jaxkd/data/general/replay_prompts.jsonl"   # {"id", "category", "prompt"} lines
+    limit: int = 0                  # the first N prompts; 0: all
+    fraction: float = 0.2           # share of training rows drawn from the replay answers
+    max_new_tokens: int = 192
+    batch_size: int = 32
+    cache_dir: str = "runs/replay_cache"          # JSONL + .npz top-k store (not committed)
+    answers_dir: str = "jaxkd/data/teacher/replay"  # committed text answers with provenance
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction < 1.0:
+            raise ConfigError(f"replay.fraction must be in (0, 1), got {self.fraction}")
+        if self.limit < 0 or self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ConfigError(f"replay.limit must be >= 0 and replay.max_new_tokens, replay.batch_size > 0; "
+                              f"got {self.limit}, {self.max_new_tokens}, {self.batch_size}")
+
+
+@_frozen
 class TrainConfig:
     """Optimiser, schedule, trainable subset, checkpointing and logging of the student run."""
 
@@ -744,6 +769,7 @@ class RunConfig:
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     distill: DistillConfig = dataclasses.field(default_factory=DistillConfig)
     domain_sampling: DomainSamplingConfig = dataclasses.field(default_factory=DomainSamplingConfig)
+    replay: ReplayConfig = dataclasses.field(default_factory=ReplayConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

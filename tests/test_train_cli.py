@@ -7,21 +7,14 @@ import json
 import pytest
 
 from jaxkd.config import CONFIG_DIR
-from jaxkd.models.params import write_hf_dir
 from jaxkd.train.__main__ import main
-from test_train_fixtures import byte_tokenizer, tiny_config, tiny_decoder
+from test_train_fixtures import write_tiny_presets
 
 
 @pytest.fixture(scope="module")
 def presets(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    tok = byte_tokenizer()
-    out = {}
-    for name, seed in (("teacher", 11), ("student", 5)):
-        d = write_hf_dir(tiny_config(), tiny_decoder(seed=seed).hf_tensors(), root / name, tokenizer=tok)
-        (root / f"{name}.yaml").write_text(f"name: tiny-{name}\nsource: hf\nlocation: {d}\n")
-        out[name] = root / f"{name}.yaml"
-    return root, out
+    return root, write_tiny_presets(root)
 
 
 def _args(root, presets, *extra):

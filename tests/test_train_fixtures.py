@@ -74,6 +74,20 @@ def tiny_records(n_per_category: int = 3, categories=("audio", "network", "weara
     return out
 
 
+def write_tiny_presets(root) -> dict:
+    """Preset YAMLs ``root/teacher.yaml`` and ``root/student.yaml`` over tiny HF directories
+    (different random weights, the byte tokenizer), for the CLI recipes end to end."""
+    from jaxkd.models.params import write_hf_dir
+
+    tok = byte_tokenizer()
+    out = {}
+    for name, seed in (("teacher", 11), ("student", 5)):
+        d = write_hf_dir(tiny_config(), tiny_decoder(seed=seed).hf_tensors(), root / name, tokenizer=tok)
+        (root / f"{name}.yaml").write_text(f"name: tiny-{name}\nsource: hf\nlocation: {d}\n")
+        out[name] = root / f"{name}.yaml"
+    return out
+
+
 def poison_targets_from(first_step: int):
     """A KD ``batch_hook``: from ``first_step`` on, the teacher top-k ids are random tokens, so the
     student is trained away from the teacher and val KL stops falling (model-selection tests)."""

@@ -6,7 +6,9 @@ distribution, computed by ``jaxkd.distill.fused.fused_kd_loss``: each batch carr
 positions (``with_loss_index``), only those hidden states reach the lm-head, and CE, the top-k KL
 and the tail bin share one chunked pass over the vocabulary (no ``[B, T, V]`` logits). Batches come from the grain pipeline of ``jaxkd.data.loader.kd_dataset``, with
 examples drawn by the domain-aware ``DomainSampler``; its state (draws + weights) is the data
-iterator's state and goes into every checkpoint, so ``--resume`` continues exactly.
+iterator's state and goes into every checkpoint, so ``--resume`` continues exactly. With
+``replay.enabled`` a fixed ``replay.fraction`` of the rows are the base student's own answers to
+general prompts (``jaxkd.distill.replay``), outside the re-weighting.
 
 Hooks, in order: domain re-weighting before the step (every ``domain_sampling.every_steps``),
 then after it NaN stop, loss record, metrics (+ parameter norm), progress, checkpoint, validation.
@@ -31,6 +33,7 @@ from jaxkd.data.loader import kd_dataset, kd_eval_batches
 from jaxkd.distill.cache import KDExample, TeacherCache, kd_example, load_exported
 from jaxkd.distill.fused import fused_kd_loss, gather_positions, head_stats, head_weight, loss_positions
 from jaxkd.distill.losses import Divergence, TopK, _with_tail, align_vocab, divergence, kd_objective
+from jaxkd.distill.replay import REPLAY_DOMAIN, REPLAY_SPLIT, replay_config, replay_records
 from jaxkd.distill.sampling import DomainSampler, gaps_to_weights, per_domain_mean
 from jaxkd.distill.teacher import answers_export_path, chat_ids, real_vocab_size, teacher_prompts
 from jaxkd.train import hooks as H
@@ -212,6 +215,27 @@ def trained_system_prompt(examples: Sequence[KDExample]) -> str | None:
     return prompts.pop()
 
 
+def _replay_examples(cfg: RunConfig, tokenizer: Any, need_topk: bool,
+                     log: Callable[[str], None]) -> tuple[list[KDExample], dict[str, Any] | None]:
+    """The general replay rows (``jaxkd.distill.replay``) when ``replay.enabled``, else none."""
+    if not cfg.replay.enabled:
+        return [], None
+    rcfg = replay_config(cfg)
+    try:
+        rows, missing, dropped = load_kd_examples(rcfg, REPLAY_SPLIT, tokenizer, need_topk=need_topk,
+                                                  records=replay_records(cfg))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"replay.enabled: {e}") from None
+    if not rows:
+        raise ValueError(f"replay.enabled but none of the replay answers in {rcfg.teacher.cache_dir} can be "
+                         f"trained on ({missing} prompts without an answer, dropped {dropped}); rerun stage=teacher")
+    log(f"replay: {len(rows)} answers of the base student to general prompts, {cfg.replay.fraction:.0%} of the "
+        f"rows drawn ({missing} prompts without an answer, dropped {sum(dropped.values())} {dropped})")
+    return rows, {"examples": len(rows), "without_answer": missing, "dropped": dropped,
+                  "fraction": cfg.replay.fraction,
+                  "cut_by_max_len": sum(len(ex.ids) > cfg.train.max_len for ex in rows)}
+
+
 def _domains(examples: Sequence[KDExample], key: str) -> list[str]:
     return [str(ex.meta[key]) for ex in examples]
 
@@ -244,10 +268,11 @@ def reweight_domains(eval_fn: Callable, params, frozen, val_batches: Sequence[di
     ds = cfg.domain_sampling
     per_ex = evaluate_examples(eval_fn, params, frozen, val_batches, mesh)
     gaps = per_domain_mean(per_ex["kl"].tolist(), list(val_domains))
-    gaps = {d: g for d, g in gaps.items() if d in sampler.counts}
-    weights = gaps_to_weights(gaps, sampler.counts, tau=ds.tau, floor=ds.floor, cap=ds.cap)
-    sampler.set_weights(weights)
-    return {"gaps": gaps, "weights": weights, "prior": sampler.prior(), "val_kl": float(per_ex["kl"].mean())}
+    free = {d: c for d, c in sampler.counts.items() if d not in sampler.fixed}   # replay keeps its share
+    gaps = {d: g for d, g in gaps.items() if d in free}
+    sampler.set_weights(gaps_to_weights(gaps, free, tau=ds.tau, floor=ds.floor, cap=ds.cap))
+    return {"gaps": gaps, "weights": sampler.weights, "prior": sampler.prior(),
+            "val_kl": float(per_ex["kl"].mean())}
 
 
 # --------------------------------------------------------------------------------------------
@@ -308,9 +333,11 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
             "never sees their end-of-turn token; raise train.max_len")
     if not train:
         raise ValueError("no training examples with teacher answers")
+    replay, replay_info = _replay_examples(cfg, tokenizer, need_topk, log)
     key = cfg.domain_sampling.key
-    sampler = DomainSampler(_domains(train, key), seed=tc.seed)
-    data = iter(kd_dataset(train, sampler, batch_size=tc.batch_size, max_len=tc.max_len, top_k=top_k,
+    sampler = DomainSampler(_domains(train, key) + [REPLAY_DOMAIN] * len(replay), seed=tc.seed,
+                            fixed={REPLAY_DOMAIN: cfg.replay.fraction} if replay else None)
+    data = iter(kd_dataset(train + replay, sampler, batch_size=tc.batch_size, max_len=tc.max_len, top_k=top_k,
                            grad_accum=tc.grad_accum))
     val_batches = kd_eval_batches(val, tc.batch_size, tc.max_len, top_k) if val else []
 
@@ -348,7 +375,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         else:
             best.load_state(extras.get("best"))
             best_ck.delete_after(start)   # saved after the resumed step: the resumed run recomputes them
-    system_prompt = trained_system_prompt(train)
+    system_prompt = trained_system_prompt(train + replay)
     prepare_run_dir(cfg, recipe="kd", pretrained=pretrained, model_cfg=model.cfg, tokenizer=tokenizer,
                     system_prompt=system_prompt)
 
@@ -415,6 +442,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     summary: dict[str, Any] = {
         "run_dir": str(run_dir), "steps": done, "resumed_from": start if resume else None,
         "train_examples": len(train), "val_examples": len(val), "trainable": tc.trainable,
+        **({"replay": replay_info} if replay_info else {}),
         "teacher_answers_dropped": {"train": drop_t, "val": drop_v},
         "train_examples_cut_by_max_len": sum(len(ex.ids) > tc.max_len for ex in train),
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),

@@ -85,10 +85,13 @@ class DomainSampler:
 
     Deterministic in (seed, number of draws so far, current weights): draw i uses its own
     generator seeded with (seed, i), so ``get_state``/``set_state`` resume exactly.
+
+    ``fixed``: domains drawn with a set share whatever the weights say (general replay rows):
+    ``set_weights`` spreads the rest, ``1 - sum(fixed)``, over the other domains by their weights.
     """
 
     def __init__(self, domains: Sequence[str], *, seed: int,
-                 weights: Mapping[str, float] | None = None):
+                 weights: Mapping[str, float] | None = None, fixed: Mapping[str, float] | None = None):
         if not domains:
             raise ValueError("DomainSampler needs at least one example")
         self._seed = int(seed)
@@ -98,25 +101,36 @@ class DomainSampler:
         self.names = sorted(by_domain)
         self._members = [np.asarray(by_domain[d], np.int64) for d in self.names]
         self.counts = {d: len(m) for d, m in zip(self.names, self._members)}
+        self.fixed = dict(fixed or {})
+        missing = set(self.fixed) - set(self.names)
+        if missing or any(not 0 < v < 1 for v in self.fixed.values()) or sum(self.fixed.values()) >= 1 \
+                or len(self.fixed) >= len(self.names):
+            raise ValueError(f"fixed shares {self.fixed} need domains with examples (known: {self.names}), "
+                             "each in (0, 1), summing below 1, and at least one other domain")
         self._draws = 0
         self.set_weights(weights or self.prior())
 
     def prior(self) -> dict[str, float]:
-        total = sum(self.counts.values())
-        return {d: c / total for d, c in self.counts.items()}
+        """Shares by example count, over the domains whose share is not fixed."""
+        free = {d: c for d, c in self.counts.items() if d not in self.fixed}
+        total = sum(free.values())
+        return {d: c / total for d, c in free.items()}
 
     @property
     def weights(self) -> dict[str, float]:
         return dict(zip(self.names, self._w.tolist()))
 
     def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Weights of the free domains (any scale; fixed domains' entries are ignored)."""
         unknown = set(weights) - set(self.names)
         if unknown:
             raise ValueError(f"weights for unknown domains {sorted(unknown)}; known: {self.names}")
-        w = np.array([float(weights.get(d, 0.0)) for d in self.names])
+        free = [d not in self.fixed for d in self.names]
+        w = np.array([float(weights.get(d, 0.0)) if f else 0.0 for d, f in zip(self.names, free)])
         if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
             raise ValueError(f"domain weights must be finite, >= 0 and not all 0: {dict(weights)}")
-        self._w = w / w.sum()
+        w = w / w.sum() * (1.0 - sum(self.fixed.values()))
+        self._w = w + np.array([self.fixed.get(d, 0.0) for d in self.names])
 
     def next_indices(self, n: int) -> np.ndarray:
         out = np.empty(n, np.int64)
