@@ -361,6 +361,17 @@ def test_judge_scores_are_cached_per_answer_and_reported(evaluated):
         build_report(_cfg(tmp, judge={"enabled": True, "model": "fake-judge", "dtype": "bfloat16"}), ITEMS)
 
 
+def test_a_corrupt_cache_line_is_named_with_its_file_and_line(tmp_path):
+    from evals.measure import JsonlCache
+
+    p = tmp_path / "generations.jsonl"
+    p.write_text('{"key": "a", "answer": "x"}\n\n{"key": "b", "answ\n')
+    with pytest.raises(ValueError, match=r"generations.jsonl:3: not JSON .*; delete the line or the file"):
+        JsonlCache(p)
+    p.write_text('{"key": "a", "answer": "x"}\n\n{"key": "a", "answer": "y"}\n')
+    assert JsonlCache(p).get("a")["answer"] == "y"     # later lines win
+
+
 def test_failure_flags_on_hand_written_answers():
     from evals.report import failure_flags
     from evals.run import FailureConfig

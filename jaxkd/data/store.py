@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 BUILT_DIR = Path(__file__).resolve().parent / "built"
 SPLIT_NAMES = ("train", "val", "test")
@@ -65,6 +65,20 @@ def load_dataset(split: str = "all", *, built_dir: str | Path | None = None):
     return datasets.Dataset.from_json([str(p) for p in paths], keep_in_memory=True)
 
 
+def read_jsonl(path: str | Path, hint: str = "") -> list[tuple[int, Any]]:
+    """(line number, object) for each non-blank line of a JSON-lines file; a bad line is a
+    ``ValueError`` naming ``path:line`` (then ``hint``)."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not JSON ({e}){hint}") from None
+    return out
+
+
 class JsonlCache:
     """One JSON object per line, each with a ``key``; later lines win. Appends as results come."""
 
@@ -72,13 +86,7 @@ class JsonlCache:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         if self.path.exists():
-            for n, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{self.path}:{n}: not JSON ({e}); delete the line or the file") from None
+            for _, row in read_jsonl(self.path, hint="; delete the line or the file"):
                 self.rows[row["key"]] = row
 
     def __contains__(self, key: str) -> bool:

@@ -17,7 +17,6 @@ The replay prompts are training data: they must stay disjoint from the retention
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,10 @@ def load_replay_prompts(path: str | Path) -> list[dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"replay.prompts: {path} does not exist (general chat prompts, one JSON "
                                 "object {\"id\", \"category\", \"prompt\"} per line)")
+    from jaxkd.data.store import read_jsonl
+
     out, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in read_jsonl(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("id", "category", "prompt")):
             raise ValueError(f"{path}:{n}: needs non-empty string fields id, category, prompt")
