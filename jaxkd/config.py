@@ -499,6 +499,9 @@ class ReplayConfig:
     prompts: str = "jaxkd/data/general/replay_prompts.jsonl"   # {"id", "category", "prompt"} lines
     limit: int = 0                  # the first N prompts; 0: all
     fraction: float = 0.2           # share of training rows drawn from the replay answers
+    # the last N kept answers are not trained on: their KL to the base (val_replay/kl, with the
+    # domain val) shows how far the student drifts from its base on general prompts
+    val: int = 16
     max_new_tokens: int = 192
     batch_size: int = 32
     cache_dir: str = "runs/replay_cache"          # JSONL + .npz top-k store (not committed)
@@ -507,9 +510,10 @@ class ReplayConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
             raise ConfigError(f"replay.fraction must be in (0, 1), got {self.fraction}")
-        if self.limit < 0 or self.max_new_tokens <= 0 or self.batch_size <= 0:
-            raise ConfigError(f"replay.limit must be >= 0 and replay.max_new_tokens, replay.batch_size > 0; "
-                              f"got {self.limit}, {self.max_new_tokens}, {self.batch_size}")
+        if self.limit < 0 or self.val < 0 or self.max_new_tokens <= 0 or self.batch_size <= 0:
+            raise ConfigError(f"replay.limit and replay.val must be >= 0, replay.max_new_tokens and "
+                              f"replay.batch_size > 0; got {self.limit}, {self.val}, {self.max_new_tokens}, "
+                              f"{self.batch_size}")
 
 
 @_frozen

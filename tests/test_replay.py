@@ -93,7 +93,7 @@ def _args(root, p, prompts, *extra):
             "domain_sampling.every_steps=1", "train.warmup_steps=0", "replay.enabled=true",
             f"replay.prompts={prompts}", "replay.fraction=0.5", "replay.max_new_tokens=5",
             "replay.batch_size=2", f"replay.cache_dir={root / 'rcache'}", f"replay.answers_dir={root / 'ranswers'}",
-            *extra]
+            "replay.val=1", "train.eval_every=2", *extra]
 
 
 def test_teacher_stage_answers_replay_prompts_with_the_student_and_kd_draws_them(presets, capsys):
@@ -127,7 +127,18 @@ def test_teacher_stage_answers_replay_prompts_with_the_student_and_kd_draws_them
         return batch
 
     res = K.run_kd(cfg, batch_hook=capture, log=lambda s: None, progress=False)
-    assert res.summary["replay"]["examples"] == 3 and res.summary["replay"]["fraction"] == 0.5
+    rep = res.summary["replay"]
+    assert (rep["examples"], rep["val_examples"], rep["fraction"]) == (2, 1, 0.5)
     assert res.summary["sampler"]["weights"][REPLAY_DOMAIN] == pytest.approx(0.5)   # re-weighting kept it
-    replayed = sum(any(q in s for q in ("cats purr", "sour fruit", "rhymes with moon")) for s in seen)
+    replayed = sum(any(q in s for q in ("cats purr", "sour fruit")) for s in seen)
     assert len(seen) == 8 and 0 < replayed < 8
+    assert not any("rhymes with moon" in s for s in seen)      # the held-out replay prompt is never trained on
+    # its KL to the base is measured with the domain val (at step 2) and for the final parameters
+    from jaxkd.train.metrics import read_metrics, val_curve
+
+    curve = val_curve(read_metrics(cfg.run_dir / "metrics.jsonl"))
+    assert [p["step"] for p in curve if "replay_kl" in p] == [2]
+    assert np.isfinite(rep["val"]["kl"]) and rep["val"]["kl"] >= -1e-6
+    with pytest.raises(ValueError, match="replay.val=3 holds out every one of the 3"):
+        K.run_kd(load(RunConfig, cfg_path, _args(root, p, prompts, "stage=kd", "train.steps=1", "replay.val=3",
+                                                 "name=replay-kd2")), log=lambda s: None, progress=False)

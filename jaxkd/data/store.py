@@ -33,8 +33,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; run `python -m jaxkd.data build` first")
-    with path.open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in jsonl_lines(path)]
 
 
 def _resolve(name: str, built_dir: str | Path | None) -> Path:
@@ -65,7 +64,7 @@ def load_dataset(split: str = "all", *, built_dir: str | Path | None = None):
     return datasets.Dataset.from_json([str(p) for p in paths], keep_in_memory=True)
 
 
-def read_jsonl(path: str | Path, hint: str = "") -> list[tuple[int, Any]]:
+def jsonl_lines(path: str | Path, hint: str = "") -> list[tuple[int, Any]]:
     """(line number, object) for each non-blank line of a JSON-lines file; a bad line is a
     ``ValueError`` naming ``path:line`` (then ``hint``)."""
     out = []
@@ -86,7 +85,7 @@ class JsonlCache:
         self.path = Path(path)
         self.rows: dict[str, dict] = {}
         if self.path.exists():
-            for _, row in read_jsonl(self.path, hint="; delete the line or the file"):
+            for _, row in jsonl_lines(self.path, hint="; delete the line or the file"):
                 self.rows[row["key"]] = row
 
     def __contains__(self, key: str) -> bool:

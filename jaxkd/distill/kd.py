@@ -334,12 +334,22 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     if not train:
         raise ValueError("no training examples with teacher answers")
     replay, replay_info = _replay_examples(cfg, tokenizer, need_topk, log)
+    replay_val: list[KDExample] = []
+    if replay and cfg.replay.val:
+        if cfg.replay.val >= len(replay):
+            raise ValueError(f"replay.val={cfg.replay.val} holds out every one of the {len(replay)} replay answers "
+                             "kept; lower it")
+        replay, replay_val = replay[:-cfg.replay.val], replay[-cfg.replay.val:]
+        replay_info.update(examples=len(replay), val_examples=len(replay_val))
     key = cfg.domain_sampling.key
     sampler = DomainSampler(_domains(train, key) + [REPLAY_DOMAIN] * len(replay), seed=tc.seed,
                             fixed={REPLAY_DOMAIN: cfg.replay.fraction} if replay else None)
     data = iter(kd_dataset(train + replay, sampler, batch_size=tc.batch_size, max_len=tc.max_len, top_k=top_k,
                            grad_accum=tc.grad_accum))
     val_batches = kd_eval_batches(val, tc.batch_size, tc.max_len, top_k) if val else []
+    # measured inside the domain validation, so only where there is one
+    replay_val_batches = kd_eval_batches(replay_val, tc.batch_size, tc.max_len, top_k) \
+        if replay_val and val_batches else []
 
     if tc.trainable == "lora":
         model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed, tc.lora_targets)
@@ -406,6 +416,9 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
             last_val.update(step=info.step, per_ex=per_ex)
             if info.step < info.last:  # the final validation goes into the summary
                 logger.log(info.step, {k: float(v.mean()) for k, v in per_ex.items()}, prefix="val/")
+                if replay_val_batches:
+                    rv = evaluate_examples(eval_fn, info.state["params"], frozen, replay_val_batches, mesh)
+                    logger.log(info.step, {k: float(v.mean()) for k, v in rv.items()}, prefix="val_replay/")
             if best is None:
                 return
             value = float(per_ex[best.metric].mean())
@@ -462,6 +475,9 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
                 per_ex = (best_val["per_ex"] if best_val.get("step") == best.step else   # before a resume
                           evaluate_examples(eval_fn, state["params"], frozen, val_batches, mesh))
         summary["val"] = {k: float(v.mean()) for k, v in per_ex.items()}
+        if replay_val_batches:   # of the parameters served, as summary["val"]
+            rv = evaluate_examples(eval_fn, state["params"], frozen, replay_val_batches, mesh)
+            summary["replay"]["val"] = {k: float(v.mean()) for k, v in rv.items()}
         summary["val_per_domain"] = per_domain_table({k: v.tolist() for k, v in per_ex.items()},
                                                      _domains(val, key))
     return KDResult(summary=summary, state=state, graphdef=graphdef, frozen=frozen, tokenizer=tokenizer,

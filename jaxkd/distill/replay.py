@@ -34,10 +34,10 @@ def load_replay_prompts(path: str | Path) -> list[dict[str, str]]:
     if not path.exists():
         raise FileNotFoundError(f"replay.prompts: {path} does not exist (general chat prompts, one JSON "
                                 "object {\"id\", \"category\", \"prompt\"} per line)")
-    from jaxkd.data.store import read_jsonl
+    from jaxkd.data.store import jsonl_lines
 
     out, seen = [], set()
-    for n, row in read_jsonl(path):
+    for n, row in jsonl_lines(path):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
                                                 for k in ("id", "category", "prompt")):
             raise ValueError(f"{path}:{n}: needs non-empty string fields id, category, prompt")

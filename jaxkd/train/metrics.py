@@ -115,12 +115,15 @@ def markdown_table(rows: Mapping[str, Mapping[str, Any]], first: str = "domain",
 
 
 def val_curve(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
-    """``[{"step", "kl", "ce"?, "token_accuracy"?}]`` by step: the val evaluations (``val/*``) and the
+    """``[{"step", "kl", "ce"?, "token_accuracy"?, "replay_kl"?}]`` by step: the val evaluations
+    (``val/*``; ``val_replay/kl``, the KL to the base on held-out general replay prompts) and the
     domain sampler's val passes (``reweight/val_kl``, the same mean val KL; at step 0 it is the
     student before training)."""
     by_step: dict[int, dict[str, float]] = {}
     for r in rows:
         point = {k[4:]: float(v) for k, v in r.items() if k.startswith("val/") and isinstance(v, (int, float))}
+        if "val_replay/kl" in r:
+            point["replay_kl"] = float(r["val_replay/kl"])
         if "reweight/val_kl" in r:
             point.setdefault("kl", float(r["reweight/val_kl"]))
         if point:
@@ -132,14 +135,16 @@ def val_curve_markdown(curve: Sequence[Mapping[str, float]]) -> str:
     """The val curve as a table, with the step of the lowest val KL named."""
     if not curve:
         return ""
-    cols = [c for c in ("kl", "ce", "token_accuracy") if any(c in p for p in curve)]
+    cols = [c for c in ("kl", "ce", "token_accuracy", "replay_kl") if any(c in p for p in curve)]
     lines = ["| step | " + " | ".join(f"val {c}" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for p in curve:
         lines.append(f"| {p['step']} | " + " | ".join(f"{p[c]:.3f}" if c in p else "" for c in cols) + " |")
     best = min(curve, key=lambda p: p["kl"])
     return (f"## Val curve\n\nLowest val KL {best['kl']:.3f} at step {best['step']} (first: {curve[0]['kl']:.3f} at "
             f"step {curve[0]['step']}, last: {curve[-1]['kl']:.3f} at step {curve[-1]['step']}). Step-0 and "
-            "every-N-step KL points without CE come from the domain sampler's val passes.\n\n" + "\n".join(lines) + "\n")
+            "every-N-step KL points without CE come from the domain sampler's val passes."
+            + (" val replay_kl: KL to the base student on the held-out general replay prompts (its drift from "
+               "the base off the domain)." if "replay_kl" in cols else "") + "\n\n" + "\n".join(lines) + "\n")
 
 
 def plot_training(metrics_jsonl: str | Path, png: str | Path, smooth: int = 15) -> None:
@@ -174,7 +179,7 @@ def plot_training(metrics_jsonl: str | Path, png: str | Path, smooth: int = 15) 
     if curve:
         col += 1
         ax = axes[0, col]
-        for key, marker in (("kl", "o"), ("ce", "s")):
+        for key, marker in (("kl", "o"), ("ce", "s"), ("replay_kl", "^")):
             pts = [(p["step"], p[key]) for p in curve if key in p]
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=f"val {key}")
