@@ -115,6 +115,13 @@ def test_teacher_stage_answers_replay_prompts_with_the_student_and_kd_draws_them
     assert main(["--config", cfg_path, *_args(root, p, prompts, "stage=teacher")]) == 0
     out = capsys.readouterr().out.split("replay: the student")[-1]
     assert "rescoring 3 committed" in out and "replay answers: all 3 prompts already in" in out
+    # teacher.splits=[]: the replay answers alone, no teacher file touched
+    shutil.rmtree(root / "rcache")
+    teacher_files = sorted((root / "cache").iterdir())
+    assert main(["--config", cfg_path, *_args(root, p, prompts, "stage=teacher", "teacher.splits=[]")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher answers:" not in out and "loaded teacher" not in out and (root / "rcache").is_dir()
+    assert sorted((root / "cache").iterdir()) == teacher_files
 
     from jaxkd.distill import kd as K
 

@@ -21,8 +21,9 @@ def run_teacher_stage(cfg: RunConfig, *, command: str, log: Callable[[str], None
     from jaxkd.distill import teacher as T
 
     items = [it for s in cfg.teacher.splits for it in T.teacher_prompts(cfg, s)]
+    # teacher.splits=[] answers the replay prompts only (and touches no teacher file)
     summary = _answer(cfg, items, {s: sum(it.split == s for it in items) for s in cfg.teacher.splits},
-                      command=command, log=log)
+                      command=command, log=log) if items else {}
     if cfg.replay.enabled:
         from jaxkd.distill.replay import REPLAY_SPLIT, replay_config, replay_records
 
