@@ -94,6 +94,7 @@ def generate_missing(loaded: Any, requests: Sequence[tuple[str, list[int], Mappi
     if not todo:
         return 0
     gen = Generator(loaded.model, loaded.tokenizer, max_seq_len=max_seq_len, prompt_bucket=64)
+    t_start = time.perf_counter()
     for s in range(0, len(todo), batch_size):
         chunk = todo[s:s + batch_size]
         t0 = time.perf_counter()
@@ -104,8 +105,9 @@ def generate_missing(loaded: Any, requests: Sequence[tuple[str, list[int], Mappi
                          "finish_reason": reason, "new_tokens": len(toks), "prompt_tokens": len(ids),
                          "provenance": dict(provenance)})
         cache.add(rows)
-        log(f"  {min(s + batch_size, len(todo))}/{len(todo)} answers ({out.new_tokens} tokens in "
-            f"{time.perf_counter() - t0:.0f}s)")
+        done, elapsed = min(s + batch_size, len(todo)), time.perf_counter() - t_start
+        log(f"  {done}/{len(todo)} answers ({out.new_tokens} tokens in {time.perf_counter() - t0:.0f}s; "
+            f"elapsed {elapsed / 60:.1f} min, about {elapsed / done * (len(todo) - done) / 60:.0f} min to go)")
     return len(todo)
 
 
