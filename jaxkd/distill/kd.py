@@ -268,10 +268,10 @@ def reweight_domains(eval_fn: Callable, params, frozen, val_batches: Sequence[di
     ds = cfg.domain_sampling
     per_ex = evaluate_examples(eval_fn, params, frozen, val_batches, mesh)
     gaps = per_domain_mean(per_ex["kl"].tolist(), list(val_domains))
-    free = {d: c for d, c in sampler.counts.items() if d not in sampler.fixed}   # replay keeps its share
-    gaps = {d: g for d, g in gaps.items() if d in free}
-    sampler.set_weights(gaps_to_weights(gaps, free, tau=ds.tau, floor=ds.floor, cap=ds.cap))
-    return {"gaps": gaps, "weights": sampler.weights, "prior": sampler.prior(),
+    prior = sampler.prior()   # over the domains whose share is not fixed: replay keeps its share
+    gaps = {d: g for d, g in gaps.items() if d in prior}
+    sampler.set_weights(gaps_to_weights(gaps, prior, tau=ds.tau, floor=ds.floor, cap=ds.cap))
+    return {"gaps": gaps, "weights": sampler.weights, "prior": prior,
             "val_kl": float(per_ex["kl"].mean())}
 
 
