@@ -64,8 +64,12 @@ def clip_by_norm(grads: Any, norm: jax.Array, clip_norm: float) -> Any:
     """``optax.clip_by_global_norm`` given the norm already computed (so it is computed once)."""
     if clip_norm <= 0:
         return grads
-    return jax.tree.map(lambda g: jnp.where(norm < clip_norm, g, (g / norm.astype(g.dtype)) * clip_norm),
-                        grads)
+    # One scalar factor, multiplied in. XLA duplicates a multiply into each consumer (the optimizer's
+    # moment updates), whereas a per-element divide counts as expensive, so it was materialised: a
+    # second full copy of the gradients live beside the first at the step's memory peak (1.3 of the
+    # 2.7 GiB of temporaries of the 0.5B KD step at 2x288).
+    scale = jnp.where(norm < clip_norm, 1.0, clip_norm / norm)
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
 
 def _update(loss_fn: LossFn, tx: optax.GradientTransformation, clip_norm: float, grad_accum: int,
