@@ -71,7 +71,37 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     Global-norm clipping (``train.clip_norm``) and gradient accumulation (``train.grad_accum``)
     happen in the train step (``jaxkd.train.trainer``), which computes the gradient norm once.
     """
-    return optax.adamw(learning_rate(cfg), b1=0.9, b2=0.95, eps=1e-8, weight_decay=cfg.weight_decay)
+    b1, b2, eps = 0.9, 0.95, 1e-8
+    if cfg.adam_mu_dtype == "float32":
+        return optax.adamw(learning_rate(cfg), b1=b1, b2=b2, eps=eps, weight_decay=cfg.weight_decay)
+    # optax.adamw(mu_dtype=...) is the same chain, but XLA's CPU scheduler kept every leaf's float32
+    # first moment live before casting it (as many bytes of temporaries as the cast saved)
+    return optax.chain(scale_by_adam_stored_mu(b1, b2, eps, jnp.dtype(cfg.adam_mu_dtype)),
+                       optax.add_decayed_weights(cfg.weight_decay),
+                       optax.scale_by_learning_rate(learning_rate(cfg)))
+
+
+def scale_by_adam_stored_mu(b1: float, b2: float, eps: float, mu_dtype: Any) -> optax.GradientTransformation:
+    """``optax.scale_by_adam`` with the first moment kept in ``mu_dtype``, and the update computed
+    from the moment as stored (rounded), so its float32 value has a single consumer (the cast)
+    and is never materialised for all leaves at once. Same state as optax's (checkpoints keep their
+    structure); the second moment stays in the gradients' dtype."""
+    def init(params: Any) -> optax.ScaleByAdamState:
+        return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
+                                      mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+                                      nu=optax.tree.zeros_like(params))
+
+    def update(grads: Any, state: optax.ScaleByAdamState, params: Any = None) -> tuple[Any, Any]:
+        del params
+        count = optax.safe_increment(state.count)
+        c1, c2 = 1 - b1 ** count, 1 - b2 ** count
+        mu = jax.tree.map(lambda g, m: (b1 * m.astype(g.dtype) + (1 - b1) * g).astype(mu_dtype), grads, state.mu)
+        nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(g), grads, state.nu)
+        updates = jax.tree.map(lambda g, m, v: (m.astype(g.dtype) / c1.astype(g.dtype))
+                               / (jnp.sqrt(v / c2.astype(g.dtype)) + eps), grads, mu, nu)
+        return updates, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init, update)
 
 
 def init_state(params: Any, tx: optax.GradientTransformation, seed: int, mesh: Any = None) -> dict:
