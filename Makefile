@@ -71,7 +71,7 @@ test-fast: setup
 BASELINE     ?= b9562dc
 BASELINE_DIR ?= $(CURDIR)/.bench-baseline-$(BASELINE)
 bench: bench-generate
-	$(BIN)/python -m evals.bench_kd_step
+	$(BIN)/python -m evals.bench_kd_step --compute-dtypes float32 bfloat16 --low-memory dots
 
 bench-generate: setup
 	test -d $(BASELINE_DIR) || git worktree add --detach $(BASELINE_DIR) $(BASELINE)

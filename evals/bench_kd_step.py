@@ -1,6 +1,7 @@
 """One KD train step, jaxkd vs a straightforward PyTorch implementation, same model, loss and batch.
 
     python -m evals.bench_kd_step [--model qwen2.5-coder-0.5b-instruct] [--compute-dtypes float32 bfloat16]
+                                  [--low-memory dots]
 
 Each framework runs in its own subprocess (so peak RSS is its own): load the student, build the
 same seeded batch (B x T tokens, loss on the answer part, a synthetic top-k teacher with k ids),
@@ -10,6 +11,8 @@ jaxkd runs exactly the KD recipe's step: ``kd.with_loss_index`` on the host batc
 trainer step of ``kd.kd_loss`` (fused head, one global norm). The first-step loss of both must
 agree (same weights, same batch): a correctness cross-check. Peak RSS is reported after loading
 and at the end (the process maximum), so a load-time peak cannot hide in the step's figure.
+``--low-memory REMAT`` adds one more jaxkd run (float32 compute) with that layer remat and AdamW's
+first moment in bfloat16 (``train.remat``, ``train.adam_mu_dtype``): the memory-lean recipe.
 Writes evals/results/bench_kd_step.{json,md}.
 """
 
@@ -67,7 +70,7 @@ def run_jax(args) -> dict:
     load_rss = _peak_rss_gb()
     vocab = min(len(pt.tokenizer), pt.config.vocab_size)
     tcfg = TrainConfig(steps=100, lr=LR, warmup_steps=0, schedule="constant", clip_norm=1.0,
-                       trainable="no_embed")
+                       trainable="no_embed", adam_mu_dtype=args.mu_dtype)
     graphdef, params, frozen = st.split_model(pt.model, "no_embed")
     tx = st.make_optimizer(tcfg)
     state = st.init_state(params, tx, 0)
@@ -88,8 +91,10 @@ def run_jax(args) -> dict:
     xla = {k: getattr(mem, k) / 2**30 for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                                  "alias_size_in_bytes", "temp_size_in_bytes")
            if mem is not None and hasattr(mem, k)}
+    lean = f", remat {args.remat}, Adam mu {args.mu_dtype}" if args.remat != "none" or args.mu_dtype != "float32" else ""
     return {"framework": f"jax {jax.__version__} (jaxkd KD recipe step, donated state, compute "
-                         f"{args.compute_dtype})", "load_s": load_s, "compute_dtype": args.compute_dtype,
+                         f"{args.compute_dtype}{lean})", "load_s": load_s, "compute_dtype": args.compute_dtype,
+            "remat": args.remat, "adam_mu_dtype": args.mu_dtype,
             "first_step_s": times[0], "step_s": times[1:], "cpu_s": cpu[1:], "losses": losses,
             "trainable": st.count(state["params"]), "load_peak_rss_gb": load_rss, "xla_memory_gb": xla,
             "loss_index_width": int(batch["loss_index"].shape[-1])}
@@ -177,19 +182,26 @@ def main() -> int:
     p.add_argument("--compute-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
                    help="jaxkd: one run per matmul compute dtype (train.compute_dtype; parameters and the "
                         "optimizer stay float32), all compared with the same PyTorch float32 run")
+    p.add_argument("--low-memory", choices=["dots", "full"], default=None,
+                   help="jaxkd: one more float32 run with this layer remat and AdamW's first moment in bfloat16")
     p.add_argument("--compute-dtype", default="float32", help=argparse.SUPPRESS)  # the child's
+    p.add_argument("--mu-dtype", default="float32", help=argparse.SUPPRESS)       # the child's
     p.add_argument("--child", choices=["jax", "torch"], default=None)
     args = p.parse_args()
     if args.child:
         child(args)
         return 0
     results = {}
-    runs = [("jax" if dt == "float32" else f"jax_{dt}", "jax", dt) for dt in dict.fromkeys(args.compute_dtypes)]
-    for key, fw, dt in runs + [("torch", "torch", "float32")]:
+    # (key, framework, compute dtype, remat, Adam first-moment dtype)
+    runs = [("jax" if dt == "float32" else f"jax_{dt}", "jax", dt, args.remat, "float32")
+            for dt in dict.fromkeys(args.compute_dtypes)]
+    if args.low_memory:
+        runs.append(("jax_low_memory", "jax", "float32", args.low_memory, "bfloat16"))
+    for key, fw, dt, remat, mu in runs + [("torch", "torch", "float32", "none", "float32")]:
         cmd = [sys.executable, "-m", "evals.bench_kd_step", "--child", fw, "--model", args.model,
                "--batch", str(args.batch), "--seq", str(args.seq), "--answer", str(args.answer),
-               "--steps", str(args.steps), "--chunk", str(args.chunk), "--remat", args.remat,
-               "--compute-dtype", dt]
+               "--steps", str(args.steps), "--chunk", str(args.chunk), "--remat", remat,
+               "--compute-dtype", dt, "--mu-dtype", mu]
         print("running", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         line = [s for s in proc.stdout.splitlines() if s.startswith("RESULT ")]
@@ -199,7 +211,7 @@ def main() -> int:
         r["tokens_per_s"] = args.batch * args.seq / float(np.median(r["step_s"]))
         results[key] = r
         print(key, json.dumps(r), flush=True)
-    jax_keys = [k for k, _, _ in runs]
+    jax_keys = [k for k, *_ in runs]
     diffs = {k: abs(results[k]["losses"][0] - results["torch"]["losses"][0]) for k in jax_keys}
     ratios = {k: float(np.median(results[k]["step_s"]) / np.median(results["torch"]["step_s"])) for k in jax_keys}
     main_key = jax_keys[0]
@@ -237,13 +249,16 @@ def main() -> int:
     for k in jax_keys:
         r = results[k]
         ok_t, ok_m = ratios[k] <= TARGET_RATIO, r["peak_rss_gb"] <= TARGET_RSS_GB
-        lines += [f"- jaxkd ({r.get('compute_dtype', 'float32')} compute) / PyTorch median step: **{ratios[k]:.3f}** "
+        lean = (f", remat {r['remat']}, Adam mu {r['adam_mu_dtype']}"
+                if r.get("remat", "none") != "none" or r.get("adam_mu_dtype", "float32") != "float32" else "")
+        lines += [f"- jaxkd ({r.get('compute_dtype', 'float32')} compute{lean}) / PyTorch median step: **{ratios[k]:.3f}** "
                   f"(target <= {TARGET_RATIO}: {'met' if ok_t else 'NOT met'}); peak RSS **{r['peak_rss_gb']:.2f} GB** "
                   f"(target <= {TARGET_RSS_GB} GB: {'met' if ok_m else 'NOT met'}); first-step losses differ by "
                   f"{diffs[k]:.2e}"]
-    lines += ["- jaxkd compiled step buffers (XLA memory analysis, GB): " + ", ".join(
-                  f"{k.replace('_size_in_bytes', '')} {v:.2f}" for k, v in jr.get("xla_memory_gb", {}).items()),
-              "- Same weights and batch in every process: the first-step losses cross-check the loss.", "",
+    lines += [f"- {k}: compiled step buffers (XLA memory analysis, GB): " + ", ".join(
+                  f"{n.replace('_size_in_bytes', '')} {v:.2f}" for n, v in results[k].get("xla_memory_gb", {}).items())
+              for k in jax_keys]
+    lines += ["- Same weights and batch in every process: the first-step losses cross-check the loss.", "",
               f"Command: `{meta['command']}`"]
     (RESULTS / "bench_kd_step.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
