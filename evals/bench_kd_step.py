@@ -53,78 +53,86 @@ def make_batch(vocab: int, b: int, t: int, answer: int, seed: int = 0) -> dict[s
             "topk_ids": topk_ids, "topk_logprobs": topk_lp}
 
 
-def run_jax(args) -> dict:
-    import jax
-
-    from jaxkd.config import DistillConfig, TrainConfig
-    from jaxkd.models import load_pretrained
+def time_jax_kd(model, vocab: int, *, batch: int, seq: int, answer: int, steps: int, chunk: int,
+                remat: str = "none", mu_dtype: str = "float32") -> dict:
+    """Time ``steps`` KD recipe steps (after one warm-up/compile step) of ``model`` on
+    ``make_batch``; the model is consumed (its arrays move into the train state)."""
     import functools
 
+    from jaxkd.config import DistillConfig, TrainConfig
     from jaxkd.distill.kd import kd_loss, with_loss_index
     from jaxkd.train import state as st
     from jaxkd.train.trainer import make_train_step
+
+    tcfg = TrainConfig(steps=100, lr=LR, warmup_steps=0, schedule="constant", clip_norm=1.0,
+                       trainable="no_embed", adam_mu_dtype=mu_dtype)
+    graphdef, params, frozen = st.split_model(model, "no_embed")
+    tx = st.make_optimizer(tcfg)
+    state = st.init_state(params, tx, 0)
+    step = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=DistillConfig(alpha=ALPHA),
+                                             vocab=vocab, chunk_size=chunk, remat=remat),
+                           tx, clip_norm=tcfg.clip_norm)
+    del model, params  # the state and `frozen` hold every array; the donated ones are freed by the first step
+    raw = make_batch(vocab, batch, seq, answer)
+    times, losses, cpu = [], [], []
+    for _ in range(steps + 1):
+        t1, c1 = time.perf_counter(), time.process_time()
+        b = with_loss_index(raw)  # host work of the recipe's batch source, timed with the step
+        state, m = step(state, b, {"frozen": frozen})
+        losses.append(float(m["loss"]))  # a device->host read: the step has finished
+        times.append(time.perf_counter() - t1)
+        cpu.append(time.process_time() - c1)
+    mem = step._jitted.lower(state, b, {"frozen": frozen}).compile().memory_analysis()
+    xla = {k: getattr(mem, k) / 2**30 for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                 "alias_size_in_bytes", "temp_size_in_bytes")
+           if mem is not None and hasattr(mem, k)}
+    return {"first_step_s": times[0], "step_s": times[1:], "cpu_s": cpu[1:], "losses": losses,
+            "trainable": st.count(state["params"]), "xla_memory_gb": xla,
+            "loss_index_width": int(b["loss_index"].shape[-1])}
+
+
+def run_jax(args) -> dict:
+    import jax
+
+    from jaxkd.models import load_pretrained
 
     t0 = time.perf_counter()
     pt = load_pretrained(args.model, compute_dtype=args.compute_dtype)  # parameters stay float32
     load_s = time.perf_counter() - t0
     load_rss = _peak_rss_gb()
     vocab = min(len(pt.tokenizer), pt.config.vocab_size)
-    tcfg = TrainConfig(steps=100, lr=LR, warmup_steps=0, schedule="constant", clip_norm=1.0,
-                       trainable="no_embed", adam_mu_dtype=args.mu_dtype)
-    graphdef, params, frozen = st.split_model(pt.model, "no_embed")
-    tx = st.make_optimizer(tcfg)
-    state = st.init_state(params, tx, 0)
-    step = make_train_step(functools.partial(kd_loss, graphdef=graphdef, dist=DistillConfig(alpha=ALPHA),
-                                             vocab=vocab, chunk_size=args.chunk, remat=args.remat),
-                           tx, clip_norm=tcfg.clip_norm)
-    del pt  # the state and `frozen` hold every array; the donated ones are freed by the first step
-    raw = make_batch(vocab, args.batch, args.seq, args.answer)
-    times, losses, cpu = [], [], []
-    for i in range(args.steps + 1):
-        t1, c1 = time.perf_counter(), time.process_time()
-        batch = with_loss_index(raw)  # host work of the recipe's batch source, timed with the step
-        state, m = step(state, batch, {"frozen": frozen})
-        losses.append(float(m["loss"]))
-        times.append(time.perf_counter() - t1)
-        cpu.append(time.process_time() - c1)
-    mem = step._jitted.lower(state, batch, {"frozen": frozen}).compile().memory_analysis()
-    xla = {k: getattr(mem, k) / 2**30 for k in ("argument_size_in_bytes", "output_size_in_bytes",
-                                                 "alias_size_in_bytes", "temp_size_in_bytes")
-           if mem is not None and hasattr(mem, k)}
+    model = pt.model
+    del pt
+    out = time_jax_kd(model, vocab, batch=args.batch, seq=args.seq, answer=args.answer, steps=args.steps,
+                      chunk=args.chunk, remat=args.remat, mu_dtype=args.mu_dtype)
     lean = f", remat {args.remat}, Adam mu {args.mu_dtype}" if args.remat != "none" or args.mu_dtype != "float32" else ""
     return {"framework": f"jax {jax.__version__} (jaxkd KD recipe step, donated state, compute "
                          f"{args.compute_dtype}{lean})", "load_s": load_s, "compute_dtype": args.compute_dtype,
-            "remat": args.remat, "adam_mu_dtype": args.mu_dtype,
-            "first_step_s": times[0], "step_s": times[1:], "cpu_s": cpu[1:], "losses": losses,
-            "trainable": st.count(state["params"]), "load_peak_rss_gb": load_rss, "xla_memory_gb": xla,
-            "loss_index_width": int(batch["loss_index"].shape[-1])}
+            "remat": args.remat, "adam_mu_dtype": args.mu_dtype, "load_peak_rss_gb": load_rss, **out}
 
 
-def run_torch(args) -> dict:
+def time_torch_kd(model, vocab: int, raw: dict[str, np.ndarray], steps: int, *, device: str = "cpu",
+                  autocast_dtype=None) -> dict:
+    """Time ``steps`` steps (after one warm-up step) of the same KD loss in PyTorch eager on
+    ``model`` (a transformers causal LM): AdamW over everything but the embeddings and head.
+    ``autocast_dtype``: run the forward under ``torch.autocast`` (mixed precision)."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
-    from transformers import AutoModelForCausalLM
 
-    from jaxkd.models import resolve_hf_dir, resolve_spec
-
-    torch.set_num_threads(os.cpu_count() or 2)
-    t0 = time.perf_counter()
-    hf_dir = resolve_hf_dir(resolve_spec(args.model))
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
-    load_s = time.perf_counter() - t0
-    load_rss = _peak_rss_gb()
-    from transformers import AutoTokenizer
-
-    vocab = min(len(AutoTokenizer.from_pretrained(str(hf_dir))), model.config.vocab_size)
     for name, p in model.named_parameters():
         p.requires_grad = not ("embed_tokens" in name or "lm_head" in name)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    b = {k: torch.from_numpy(v) for k, v in make_batch(vocab, args.batch, args.seq, args.answer).items()}
+    b = {k: torch.from_numpy(v).to(device) for k, v in raw.items()}
 
     def loss_fn():
-        logits = model(input_ids=b["input_ids"].long()).logits[..., :vocab].float()
-        logq = F.log_softmax(logits, dim=-1)
+        ctx = (torch.autocast(device_type=device.split(":")[0], dtype=autocast_dtype)
+               if autocast_dtype is not None else contextlib.nullcontext())
+        with ctx:
+            logits = model(input_ids=b["input_ids"].long()).logits
+        logq = F.log_softmax(logits[..., :vocab].float(), dim=-1)
         mask = b["loss_mask"]
         denom = mask.sum().clamp(min=1)
         nll = -logq.gather(-1, b["targets"].long()[..., None])[..., 0]
@@ -142,19 +150,36 @@ def run_torch(args) -> dict:
         return ALPHA * ce + (1 - ALPHA) * kd
 
     times, losses, cpu = [], [], []
-    for _ in range(args.steps + 1):
+    for _ in range(steps + 1):
         t1, c1 = time.perf_counter(), time.process_time()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss))  # a device->host read: the step has finished
         times.append(time.perf_counter() - t1)
         cpu.append(time.process_time() - c1)
+    return {"first_step_s": times[0], "step_s": times[1:], "cpu_s": cpu[1:], "losses": losses,
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def run_torch(args) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxkd.models import resolve_hf_dir, resolve_spec
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    t0 = time.perf_counter()
+    hf_dir = resolve_hf_dir(resolve_spec(args.model))
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    load_s = time.perf_counter() - t0
+    load_rss = _peak_rss_gb()
+    vocab = min(len(AutoTokenizer.from_pretrained(str(hf_dir))), model.config.vocab_size)
+    out = time_torch_kd(model, vocab, make_batch(vocab, args.batch, args.seq, args.answer), args.steps)
     return {"framework": f"torch {torch.__version__} (eager, {torch.get_num_threads()} threads)",
-            "load_s": load_s, "first_step_s": times[0], "step_s": times[1:], "cpu_s": cpu[1:],
-            "losses": losses, "trainable": sum(p.numel() for p in trainable), "load_peak_rss_gb": load_rss}
+            "load_s": load_s, "load_peak_rss_gb": load_rss, **out}
 
 
 def _peak_rss_gb() -> float:
