@@ -170,7 +170,7 @@ def section_attention(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxkd.models.layers import gqa_attention
+    from jaxkd.models.layers import fused_attention, gqa_attention
 
     cfg = model_config(a.model)
     b, t, n, k, h = a.batch, a.seq, cfg.num_heads, cfg.num_kv_heads, cfg.head_size
@@ -188,9 +188,11 @@ def section_attention(a) -> dict:
     for impl in (None, "cudnn"):
         impls[f"jax.nn.dot_product_attention({impl or 'auto'})"] = (
             lambda q, kk, v, impl=impl: jax.nn.dot_product_attention(q, kk, v, is_causal=True, implementation=impl))
-    # what jaxkd's packed batches need: an explicit [B, 1, T, S] mask (causal within segments)
+    # what jaxkd's packed batches need: an explicit [B, 1, T, S] mask (causal within segments),
+    # as train.attention=cudnn runs it
     impls["jax.nn.dot_product_attention(cudnn, explicit mask)"] = (
-        lambda q, kk, v: jax.nn.dot_product_attention(q, kk, v, mask=mask[:, None], implementation="cudnn"))
+        lambda q, kk, v: fused_attention(q, jnp.swapaxes(kk, 1, 2), jnp.swapaxes(v, 1, 2), mask, jnp.bfloat16,
+                                         "cudnn"))
     ref = ours(q, kk, v).astype(jnp.float32)
     rows = {}
     for name, f in impls.items():
@@ -266,30 +268,18 @@ def section_decode(a) -> dict:
             "topk": a.topk, "rows": rows, "peak_device_gb": _peak_device_gb(), "jax": jax.__version__}
 
 
-def _cudnn_attention(q_btnh, k_bksh, v_bksh, mask_bts, compute_dtype):
-    """Drop-in for ``layers.gqa_attention`` through cuDNN's fused kernel (the mask as given)."""
-    import jax
-    import jax.numpy as jnp
-
-    return jax.nn.dot_product_attention(q_btnh.astype(compute_dtype), jnp.swapaxes(k_bksh, 1, 2).astype(compute_dtype),
-                                        jnp.swapaxes(v_bksh, 1, 2).astype(compute_dtype), mask=mask_bts[:, None],
-                                        implementation="cudnn").astype(compute_dtype)
-
-
 def section_kd(a) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxkd.models import build_decoder, layers
-
-    if a.attention == "cudnn":  # an experiment: the library itself does not do this (yet)
-        layers.gqa_attention = _cudnn_attention
+    from jaxkd.models import build_decoder
 
     cfg = model_config(a.model)
     model = build_decoder(cfg, param_dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+    model.set_attention(a.attention)  # train.attention
     out = time_jax_kd(model, cfg.vocab_size, batch=a.batch, seq=a.seq, answer=a.answer, steps=a.reps,
                       chunk=a.chunk, remat=a.remat)
-    what = "jaxkd KD step" + (", attention swapped for cuDNN's by the benchmark" if a.attention == "cudnn" else "")
+    what = "jaxkd KD step" + (f", train.attention {a.attention}" if a.attention != "einsum" else "")
     return {"device": _device_name(), "model": a.model, "framework": f"jax {jax.__version__} ({what})",
             "chunk": a.chunk, "remat": a.remat, "attention": a.attention, **out, "peak_device_gb": _peak_device_gb()}
 
@@ -597,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--chunk", type=int, default=2048, help=argparse.SUPPRESS)
     p.add_argument("--remat", default="none", help=argparse.SUPPRESS)
-    p.add_argument("--attention", choices=["jaxkd", "cudnn"], default="jaxkd", help=argparse.SUPPRESS)
+    p.add_argument("--attention", choices=["einsum", "xla", "cudnn"], default="einsum", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         try:

@@ -539,6 +539,10 @@ class TrainConfig:
     # activation rematerialisation per decoder layer (jaxkd.models.decoder.REMAT_POLICIES):
     # "none" fastest; "dots" / "full" recompute parts / all of a layer in the backward pass
     remat: Literal["none", "dots", "full"] = "none"
+    # attention of the training passes (Decoder.set_attention): "einsum" on every backend; "cudnn"
+    # is cuDNN's fused kernel on an NVIDIA GPU (bench_accel.md: 1.24 vs 2.04 ms a 1.5B layer at
+    # 8 x 1024, forward + backward); "xla" the same call compiled by XLA
+    attention: Literal["einsum", "xla", "cudnn"] = "einsum"
     # AdamW's first moment in bfloat16 halves its memory (0.67 GiB for the 0.5B's no_embed subset);
     # the second moment, the parameters and the update stay float32
     adam_mu_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -55,7 +55,7 @@ def test_decode_floor_is_memory_bound_at_batch_1_and_compute_bound_at_a_huge_bat
 
 def _args(**kw) -> argparse.Namespace:
     base = dict(tiny=True, reps=2, model="tiny", batches=[1, 3], batch=2, seq=32, answer=12, prompt=16, new=8,
-                topk=0, chunk=2048, remat="none", attention="jaxkd")
+                topk=0, chunk=2048, remat="none", attention="einsum")
     return argparse.Namespace(**{**base, **kw})
 
 

@@ -351,8 +351,7 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     replay_val_batches = kd_eval_batches(replay_val, tc.batch_size, tc.max_len, top_k) \
         if replay_val and val_batches else []
 
-    if tc.trainable == "lora":
-        model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed, tc.lora_targets)
+    model = st.prepare_model(model, tc)
     graphdef, params, frozen = st.split_model(model, tc.trainable)
     tx = st.make_optimizer(tc)
     state = st.init_state(params, tx, tc.seed, mesh)

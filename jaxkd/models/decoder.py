@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxkd.config import ModelConfig
 from jaxkd.models.kvcache import KVCache, init_cache  # noqa: F401 (re-exported: the cache's old home)
-from jaxkd.models.layers import DecoderLayer, Embedder, LMHead, Projection, RMSNorm, rope_cos_sin, rope_inv_freq
+from jaxkd.models.layers import ATTENTION_IMPLS, DecoderLayer, Embedder, LMHead, Projection, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
 # ``Decoder(..., remat=...)``: what each layer keeps for the backward pass (jax.checkpoint policy)
@@ -155,6 +155,18 @@ class Decoder(nnx.Module):
         if return_hidden:
             return h_btd, new_cache
         return self.logits_from_hidden(h_btd), new_cache
+
+    def set_attention(self, implementation: str) -> None:
+        """How training passes (no KV cache) compute attention: "einsum" (default, every backend),
+        "xla" or "cudnn" (``jax.nn.dot_product_attention``; "cudnn" needs an NVIDIA GPU, where it
+        is the fused flash kernel). Decode and prefill with a cache always use the einsum."""
+        if implementation not in ATTENTION_IMPLS:
+            raise ValueError(f"attention implementation {implementation!r}; allowed: {list(ATTENTION_IMPLS)}")
+        if implementation == "cudnn" and jax.default_backend() != "gpu":
+            raise ValueError(f"attention 'cudnn' needs an NVIDIA GPU; JAX's backend here is "
+                             f"{jax.default_backend()!r} (use 'einsum')")
+        for layer in self.layers:
+            layer.self_attn.implementation = implementation
 
     def logits_from_hidden(self, h_btd: jax.Array) -> jax.Array:
         """float32 logits ``[B, T, V]`` from final normed hidden states (tied or untied head)."""

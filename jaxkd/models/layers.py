@@ -298,6 +298,28 @@ def gqa_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_
     return jnp.transpose(out_bkqh.reshape(b, k, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
 
 
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
+
+
+def fused_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array,
+                    compute_dtype: Any, implementation: str) -> jax.Array:
+    """``gqa_attention`` through ``jax.nn.dot_product_attention`` ("xla" or "cudnn": cuDNN's fused
+    flash kernel on NVIDIA GPUs), for training forward passes (queries = keys, no cache).
+
+    Padding queries (no key allowed) attend to themselves only: a fully masked row is left to the
+    kernel's conventions otherwise, and a NaN there would reach the gradients through the zero
+    cotangent of the padding positions. Real positions are unaffected."""
+    t = q_btnh.shape[1]
+    if k_bksh.shape[2] != t:
+        raise ValueError(f"fused attention is for training passes (queries = keys); got {t} queries and "
+                         f"{k_bksh.shape[2]} keys")
+    mask_bts = mask_bts | (~jnp.any(mask_bts, axis=-1, keepdims=True) & jnp.eye(t, dtype=jnp.bool_)[None])
+    out_btnh = jax.nn.dot_product_attention(
+        q_btnh.astype(compute_dtype), jnp.swapaxes(k_bksh, 1, 2).astype(compute_dtype),
+        jnp.swapaxes(v_bksh, 1, 2).astype(compute_dtype), mask=mask_bts[:, None], implementation=implementation)
+    return out_btnh.astype(compute_dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE; reads and writes a per-layer KV cache if given."""
 
@@ -310,6 +332,7 @@ class Attention(nnx.Module):
         self.k_proj = Projection((d,), (k, h), ("kv_heads", "head_dim", "embed"), use_bias=cfg.qkv_bias, **kw)
         self.v_proj = Projection((d,), (k, h), ("kv_heads", "head_dim", "embed"), use_bias=cfg.qkv_bias, **kw)
         self.o_proj = Projection((n, h), (d,), ("embed", "q_heads", "head_dim"), use_bias=False, **kw)
+        self.implementation = "einsum"  # of training passes (no cache); Decoder.set_attention changes it
 
     def __call__(self, x_btd: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array, mask_bts: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, write_index: jax.Array | None = None,
@@ -333,7 +356,10 @@ class Attention(nnx.Module):
         else:
             k_bksh, v_bksh = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
 
-        out_btnh = gqa_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype)
+        if kv is None and self.implementation != "einsum":
+            out_btnh = fused_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype, self.implementation)
+        else:
+            out_btnh = gqa_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype)
         out_btd = self.o_proj(out_btnh, "btnh,dnh->btd")
         return constrain(out_btd, ("batch", "length", "act_embed")), new_kv
 

@@ -184,8 +184,7 @@ def run_grpo_stage(cfg: RunConfig, *, resume: bool = False, policy: Any = None, 
     log(f"GRPO prompts: {len(prompts)} from split {cfg.data.train_split!r}, domains "
         f"{ {d: round(w, 3) for d, w in sampler.weights.items()} }")
 
-    if tc.trainable == "lora":
-        model = st.apply_lora(model, tc.lora_rank, tc.lora_alpha, tc.seed, tc.lora_targets)
+    model = st.prepare_model(model, tc)
     graphdef, params, frozen = st.split_model(model, tc.trainable)
     ref_graphdef = lora_reference(model, tc.trainable, g.beta)
     source = RolloutSource(model, tokenizer, lambda n: [prompts[i] for i in sampler.next_indices(n)],

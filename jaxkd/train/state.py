@@ -42,6 +42,15 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, seed: int = 0,
     return _apply(model, rank, alpha, seed, LORA_TARGETS if targets is None else tuple(targets))
 
 
+def prepare_model(model: nnx.Module, cfg: TrainConfig) -> nnx.Module:
+    """The loaded model as a recipe trains it: ``train.attention`` set, LoRA adapters attached
+    when ``train.trainable`` is "lora"."""
+    model.set_attention(cfg.attention)
+    if cfg.trainable == "lora":
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed, cfg.lora_targets)
+    return model
+
+
 def split_model(model: nnx.Module, trainable: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     """(graphdef, trainable params, everything else)."""
     graphdef, params, frozen = nnx.split(model, trainable_filter(trainable), ...)
