@@ -18,7 +18,7 @@ MODEL    ?=
 BASE_MODEL := qwen2.5-coder-0.5b-instruct
 QUESTION ?= My Bluetooth earbuds keep disconnecting from my laptop every few minutes. How do I fix it?
 
-.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate evaluate report clean
+.PHONY: setup setup-teacher system-deps run generate train demo test test-fast bench bench-generate bench-accel evaluate report clean
 
 setup: $(VENV)/.installed
 
@@ -76,6 +76,11 @@ bench: bench-generate
 bench-generate: setup
 	test -d $(BASELINE_DIR) || git worktree add --detach $(BASELINE_DIR) $(BASELINE)
 	$(BIN)/python -m evals.bench_generate --model $(or $(MODEL),$(BASE_MODEL)) --baseline-src $(BASELINE_DIR)
+
+# On a machine with an NVIDIA GPU, jax[cuda] and a CUDA PyTorch: the 1.5B / 7B shapes side by side
+# with PyTorch / transformers (evals/results/bench_accel.md); about 8 minutes on one H200.
+bench-accel:
+	$(BIN)/python -m evals.bench_accel
 
 EVAL_CONFIG ?= configs/eval_cpu.yaml
 # Evaluate the models of $(EVAL_CONFIG) (answers, retention, throughput; judge when enabled) and
