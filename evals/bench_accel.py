@@ -104,10 +104,17 @@ def stats(xs) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _sync(x):
+def _timed(f, *args, reps: int) -> list[float]:
+    """Wall seconds of ``reps`` calls of ``f(*args)`` (each waited for) after one warm-up call."""
     import jax
 
-    return jax.block_until_ready(x)
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _device_name() -> str:
@@ -134,26 +141,14 @@ def section_ceilings(a) -> dict:
     k1, k2 = jax.random.split(jax.random.key(0))
     x = jax.random.normal(k1, (n, n), jnp.bfloat16)
     y = jax.random.normal(k2, (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda x, y: x @ y)
-    _sync(mm(x, y))
-    times = []
-    for _ in range(a.reps * 2):
-        t = time.perf_counter()
-        _sync(mm(x, y))
-        times.append(time.perf_counter() - t)
+    times = _timed(jax.jit(lambda x, y: x @ y), x, y, reps=a.reps * 2)
     # Device copy rate: one read + one write of 4 GiB, as an elementwise op in bf16 and in f32;
     # the faster variant is the ceiling (XLA's bf16 elementwise kernels can lag the f32 ones).
     copies = {}
     for dtype, elems in (("bfloat16", 1 << 31), ("float32", 1 << 30)):
         elems = (1 << 20) if a.tiny else elems
         z = jax.random.normal(k1, (elems,), dtype)
-        cp = jax.jit(lambda z: z * 2)
-        _sync(cp(z))
-        ctimes = []
-        for _ in range(a.reps * 2):
-            t = time.perf_counter()
-            _sync(cp(z))
-            ctimes.append(time.perf_counter() - t)
+        ctimes = _timed(jax.jit(lambda z: z * 2), z, reps=a.reps * 2)
         nbytes = 2 * elems * z.dtype.itemsize
         copies[dtype] = {"bytes": nbytes, "s": stats(ctimes), "gbps_best": nbytes / min(ctimes) / 1e9,
                          "gbps_median": nbytes / np.median(ctimes) / 1e9}
@@ -191,8 +186,7 @@ def section_attention(a) -> dict:
     # what jaxkd's packed batches need: an explicit [B, 1, T, S] mask (causal within segments),
     # as train.attention=cudnn runs it
     impls["jax.nn.dot_product_attention(cudnn, explicit mask)"] = (
-        lambda q, kk, v: fused_attention(q, jnp.swapaxes(kk, 1, 2), jnp.swapaxes(v, 1, 2), mask, jnp.bfloat16,
-                                         "cudnn"))
+        lambda q, kk, v: fused_attention(q, kk, v, mask, jnp.bfloat16, "cudnn"))
     ref = ours(q, kk, v).astype(jnp.float32)
     rows = {}
     for name, f in impls.items():
@@ -200,12 +194,7 @@ def section_attention(a) -> dict:
             step = jax.jit(jax.value_and_grad(lambda q, kk, v, f=f: jnp.vdot(f(q, kk, v).astype(jnp.float32),
                                                                             cot.astype(jnp.float32)),
                                               argnums=(0, 1, 2)))
-            _sync(step(q, kk, v))
-            times = []
-            for _ in range(a.reps * 2):
-                t0 = time.perf_counter()
-                _sync(step(q, kk, v))
-                times.append(time.perf_counter() - t0)
+            times = _timed(step, q, kk, v, reps=a.reps * 2)
             out = jax.jit(f)(q, kk, v).astype(jnp.float32)
             rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
             rows[name] = {"fwd_bwd_s": stats(times), "rel_err_vs_jaxkd": rel}
@@ -472,7 +461,7 @@ def report(results: dict) -> list[str]:
     if kd_keys:
         r0 = sec[kd_keys[0]]
         cfg = model_config(r0["model"])
-        b, t, p = _kd_shape(meta, r0)
+        b, t, p = _kd_shape(meta)
         flops = kd_step_flops(cfg, b, t, p)
         lines += [f"## One KD step: {r0['model']}, {b} x {t} tokens, {p} loss positions per row, top-{TOPK} KD + CE "
                   f"(alpha {ALPHA}), AdamW, embeddings and head frozen", "",
@@ -552,7 +541,7 @@ def report(results: dict) -> list[str]:
     return lines
 
 
-def _kd_shape(meta: dict, r: dict) -> tuple[int, int, int]:
+def _kd_shape(meta: dict) -> tuple[int, int, int]:
     for key, section, extra in plan(meta["tiny"]):
         if section == "kd":
             x = dict(zip(extra[::2], extra[1::2]))

@@ -34,11 +34,11 @@ def test_the_benchmarked_1_5b_is_the_packaged_architecture():
 
 @pytest.mark.parametrize("name", ["qwen2.5-1.5b", "qwen2.5-7b", "tiny"])
 def test_matmul_params_are_the_modules_matrices(name):
+    from flax import nnx
+
     from jaxkd.models import abstract_decoder
 
     cfg = ba.model_config(name)
-    from flax import nnx
-
     flat = jax.tree_util.tree_flatten_with_path(nnx.state(abstract_decoder(cfg)))[0]
     matrices = sum(int(np.prod(x.shape)) for path, x in flat
                    if len(x.shape) >= 2 and "bias" not in jax.tree_util.keystr(path))

@@ -301,7 +301,7 @@ def gqa_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_
 ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
-def fused_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mask_bts: jax.Array,
+def fused_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array, mask_bts: jax.Array,
                     compute_dtype: Any, implementation: str) -> jax.Array:
     """``gqa_attention`` through ``jax.nn.dot_product_attention`` ("xla" or "cudnn": cuDNN's fused
     flash kernel on NVIDIA GPUs), for training forward passes (queries = keys, no cache).
@@ -310,13 +310,13 @@ def fused_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array, mas
     kernel's conventions otherwise, and a NaN there would reach the gradients through the zero
     cotangent of the padding positions. Real positions are unaffected."""
     t = q_btnh.shape[1]
-    if k_bksh.shape[2] != t:
+    if k_btkh.shape[1] != t:
         raise ValueError(f"fused attention is for training passes (queries = keys); got {t} queries and "
-                         f"{k_bksh.shape[2]} keys")
+                         f"{k_btkh.shape[1]} keys")
     mask_bts = mask_bts | (~jnp.any(mask_bts, axis=-1, keepdims=True) & jnp.eye(t, dtype=jnp.bool_)[None])
     out_btnh = jax.nn.dot_product_attention(
-        q_btnh.astype(compute_dtype), jnp.swapaxes(k_bksh, 1, 2).astype(compute_dtype),
-        jnp.swapaxes(v_bksh, 1, 2).astype(compute_dtype), mask=mask_bts[:, None], implementation=implementation)
+        q_btnh.astype(compute_dtype), k_btkh.astype(compute_dtype), v_btkh.astype(compute_dtype),
+        mask=mask_bts[:, None], implementation=implementation)
     return out_btnh.astype(compute_dtype)
 
 
@@ -352,14 +352,12 @@ class Attention(nnx.Module):
             k_cache = write_cache(kv[0], k_btkh, write_index)
             v_cache = write_cache(kv[1], v_btkh, write_index)
             new_kv = (k_cache, v_cache)
-            k_bksh, v_bksh = k_cache, v_cache
-        else:
-            k_bksh, v_bksh = jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2)
-
-        if kv is None and self.implementation != "einsum":
-            out_btnh = fused_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype, self.implementation)
-        else:
-            out_btnh = gqa_attention(q_btnh, k_bksh, v_bksh, mask_bts, self.compute_dtype)
+            out_btnh = gqa_attention(q_btnh, k_cache, v_cache, mask_bts, self.compute_dtype)
+        elif self.implementation == "einsum":
+            out_btnh = gqa_attention(q_btnh, jnp.swapaxes(k_btkh, 1, 2), jnp.swapaxes(v_btkh, 1, 2), mask_bts,
+                                     self.compute_dtype)
+        else:  # jax.nn.dot_product_attention takes the keys in their projected [B, T, K, H] layout
+            out_btnh = fused_attention(q_btnh, k_btkh, v_btkh, mask_bts, self.compute_dtype, self.implementation)
         out_btd = self.o_proj(out_btnh, "btnh,dnh->btd")
         return constrain(out_btd, ("batch", "length", "act_embed")), new_kv
 
