@@ -465,7 +465,8 @@ def report(results: dict) -> list[str]:
         flops = kd_step_flops(cfg, b, t, p)
         lines += [f"## One KD step: {r0['model']}, {b} x {t} tokens, {p} loss positions per row, top-{TOPK} KD + CE "
                   f"(alpha {ALPHA}), AdamW, embeddings and head frozen", "",
-                  f"Model FLOPs per step: {flops / 1e12:.1f} T. MFU against the measured matmul rate and the datasheet.", "",
+                  f"Model FLOPs per step: {flops / 1e12:.1f} T. MFU against the measured matmul rate (from the ceilings "
+                  "section's run) and the datasheet.", "",
                   "| run | step s min | median | tokens/s (median) | MFU measured peak | MFU datasheet | first step s | peak device GB | first loss |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for k in kd_keys:
@@ -479,6 +480,8 @@ def report(results: dict) -> list[str]:
         if "kd_torch" in sec:
             tm = float(np.median(sec["kd_torch"]["step_s"]))
             lines += [""] + [f"- {k} / PyTorch median step: **{float(np.median(sec[k]['step_s'])) / tm:.3f}**"
+                             if _same_run(sec[k], sec["kd_torch"]) else
+                             f"- {k}: measured in another run than PyTorch's (another machine start): no ratio"
                              for k in kd_keys if k != "kd_torch"]
             lines.append("- Same model shapes and batch, but not the same random weights in the two frameworks: "
                          "first losses are not comparable here (bench_kd_step.py cross-checks them on real weights).")
@@ -511,13 +514,13 @@ def report(results: dict) -> list[str]:
                                  f"{_f(row['total_tok_s']['median'])} | - | {pk} |")
         if "decode_student_torch" in sec and "decode_student" in sec:
             for bs, row in sec["decode_student_torch"]["rows"].items():
-                if bs in sec["decode_student"]["rows"]:
+                if bs in sec["decode_student"]["rows"] and _same_run(sec["decode_student"], sec["decode_student_torch"]):
                     ratio = (sec["decode_student"]["rows"][bs]["total_tok_s"]["median"] / row["total_tok_s"]["median"])
                     lines.append(f"\n- jaxkd / transformers end-to-end tok/s, {sec['decode_student']['model']} batch {bs}: "
                                  f"**{ratio:.2f}x**")
         if "decode_teacher_topk" in sec and "decode_teacher" in sec:
             for bs, row in sec["decode_teacher_topk"]["rows"].items():
-                if bs in sec["decode_teacher"]["rows"]:
+                if bs in sec["decode_teacher"]["rows"] and _same_run(sec["decode_teacher"], sec["decode_teacher_topk"]):
                     ratio = row["decode_tok_s"]["median"] / sec["decode_teacher"]["rows"][bs]["decode_tok_s"]["median"]
                     lines.append(f"- {sec['decode_teacher']['model']} batch {bs}: decode with top-{TOPK} capture runs at "
                                  f"{ratio:.2f}x the plain rate")
@@ -539,6 +542,11 @@ def report(results: dict) -> list[str]:
         lines += ["## Not measured in this run", ""] + [f"- {k}: {v.splitlines()[-1] if v.strip() else v}"
                                                       for k, v in results["skipped"].items()] + [""]
     return lines
+
+
+def _same_run(x: dict, y: dict) -> bool:
+    """Whether two sections were measured in one run: only then is their ratio side by side."""
+    return x.get("run") == y.get("run")
 
 
 def _kd_shape(meta: dict) -> tuple[int, int, int]:
