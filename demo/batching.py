@@ -17,6 +17,12 @@ Design choices (the demo serves a handful of people on a CPU, not a fleet):
   depend on which other requests share the batch: greedy or sampled, it is the answer
   ``Generator.stream`` gives the same prompt alone (up to float rounding of different shapes).
 - A newcomer's prefill runs between two decode steps, so running streams pause for one prefill.
+- Prefix cache: every question is sent under the same chat-formatted system prompt, so the tokens
+  up to the user's text (``prefix``) are prefilled once, on first use; a newcomer whose prompt
+  starts with exactly those tokens gets a copy of that cache and prefills only the rest (its
+  question), padded to a power-of-two bucket. A prompt that does not start with them (another
+  system prompt, a tokenizer that merged across the boundary) takes the full prefill: the
+  check is on token ids, so the shortcut never changes which tokens the model reads.
 - Errors stay with their request: a prompt that does not fit, or a failing prefill, ends that
   request only; a failing decode step ends the requests in that batch, the scheduler starts a
   fresh cache and keeps serving.
@@ -37,10 +43,31 @@ from flax import nnx
 
 from jaxkd.config import SamplingConfig
 from jaxkd.models.generate import Capture, Generator, TextDeltas, decode_fn, prefill_fn
-from jaxkd.models.kvcache import init_cache, put_row
+from jaxkd.models.kvcache import KVCache, init_cache, put_row, resize_cache
 from jaxkd.models.sampling import SamplerKind, row_keys, sampler_scalars
 
 _TEXT, _END, _ERROR = "text", "end", "error"
+SUFFIX_MIN = 32   # smallest prefill bucket of a prompt's part after the cached prefix
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix all ``seqs`` share."""
+    if not seqs:
+        return []
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return list(first[:n])
+
+
+def suffix_bucket(n: int) -> int:
+    """Prefill length for ``n`` tokens after the cached prefix: SUFFIX_MIN, then powers of two
+    (few compiled shapes; a question rarely needs more than the second)."""
+    t = SUFFIX_MIN
+    while t < n:
+        t *= 2
+    return t
 
 
 @dataclasses.dataclass(eq=False)
@@ -69,11 +96,16 @@ class _Row:
 
 
 class BatchedStreams:
-    """Up to ``max_batch`` prompts decoded together; ``stream_ids`` is safe from any thread."""
+    """Up to ``max_batch`` prompts decoded together; ``stream_ids`` is safe from any thread.
+    ``prefix``: the tokens most prompts start with, whose cache is computed once (empty: none)."""
 
-    def __init__(self, generator: Generator, sampling: SamplingConfig, max_batch: int) -> None:
+    def __init__(self, generator: Generator, sampling: SamplingConfig, max_batch: int,
+                 prefix: Sequence[int] = ()) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if len(prefix) >= generator.max_seq_len:
+            raise ValueError(f"the cached prefix has {len(prefix)} tokens; max_seq_len is "
+                             f"{generator.max_seq_len}")
         self.generator, self.sampling, self.max_batch = generator, sampling, max_batch
         model = generator.model
         self.max_seq_len, self.bucket = generator.max_seq_len, generator.prompt_bucket
@@ -107,6 +139,10 @@ class BatchedStreams:
         self._prefill = jax.jit(prefill, donate_argnames=("cache",))
         self._decode = jax.jit(decode, donate_argnames=("cache",))
         self._admit = jax.jit(admit, donate_argnames=("cache",))
+        # not donated: the prefix cache is copied (grown by the newcomer's bucket) for every request
+        self._extend = jax.jit(resize_cache, static_argnames=("new_len",))
+        self.prefix = tuple(int(i) for i in prefix)
+        self._prefix_cache: KVCache | None = None  # built on first use, in the scheduler thread
         self._new_batch()
         self._rows: list[_Row | None] = [None] * max_batch
         self._inbox: queue.Queue[Request] = queue.Queue()
@@ -114,8 +150,8 @@ class BatchedStreams:
         self._count_lock = threading.Lock()
         self._submitted = self._taken = 0
         self._closed = False
-        self.stats = {"admitted": 0, "steps": 0, "max_rows": 0,
-                      "cancelled": 0, "failed": 0, "completed": 0}
+        self.stats = {"admitted": 0, "steps": 0, "max_rows": 0, "cancelled": 0, "failed": 0,
+                      "completed": 0, "prefix_hits": 0}
         self._thread = threading.Thread(target=self._loop, name="batch-decoder", daemon=True)
         self._thread.start()
 
@@ -243,15 +279,7 @@ class BatchedStreams:
             raise ValueError(f"the prompt has {n} tokens; the model serves at most "
                              f"{self.max_seq_len - 1} (engine.max_seq_len {self.max_seq_len}); "
                              "ask a shorter question")
-        t = -(-n // self.bucket) * self.bucket
-        ids = np.full((1, t), self.generator.pad_id, np.int32)
-        ids[0, :n] = req.ids
-        seg = (np.arange(t) < n).astype(np.int32)[None]
-        pos = np.arange(t, dtype=np.int32)[None]
-        row = init_cache(self.generator.model.cfg, 1, t, self.generator.model.compute_dtype)
-        tok, row = self._prefill(self._leaves, row, jnp.asarray(ids), jnp.asarray(pos),
-                                 jnp.asarray(seg), self._key1, self.temperature, self.top_p)
-        first = int(np.asarray(tok)[0])
+        first, row = self.prefill_row(req.ids)
         req.admitted_step = self.stats["steps"]
         state = _Row(req, budget=min(self.sampling.max_new_tokens, self.max_seq_len - n),
                      deltas=TextDeltas(self.generator.tokenizer))
@@ -262,6 +290,43 @@ class BatchedStreams:
                                              jnp.int32(first))
         self._rows[slot] = state
         self.stats["max_rows"] = max(self.stats["max_rows"], self.active_rows())
+
+    def prefill_row(self, ids: Sequence[int]) -> tuple[int, KVCache]:
+        """The first sampled token of the prompt ``ids`` and its one-row cache, from a copy of the
+        prefix cache when ``ids`` starts with the prefix. Scheduler thread only (or ``paused()``)."""
+        row, start, t = self._row_for(ids)
+        tok, row = self._prefill_block(row, ids[start:], start, t)
+        return int(np.asarray(tok)[0]), row
+
+    def _prefill_block(self, row: KVCache, tokens: Sequence[int], start: int, t: int) -> tuple[jax.Array, KVCache]:
+        """Prefill ``tokens`` (right-padded to ``t``) into ``row`` from position ``start`` on."""
+        ids = np.full((1, t), self.generator.pad_id, np.int32)
+        ids[0, :len(tokens)] = tokens
+        seg = (np.arange(t) < len(tokens)).astype(np.int32)[None]
+        pos = (start + np.arange(t, dtype=np.int32))[None]
+        return self._prefill(self._leaves, row, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg),
+                             self._key1, self.temperature, self.top_p)
+
+    def _row_for(self, ids: Sequence[int]) -> tuple[KVCache, int, int]:
+        """(one-row cache, position prefill starts at, prefill length) for the prompt ``ids``: a
+        copy of the prefix cache grown by the rest's bucket when ``ids`` starts with the prefix
+        (the rest is written from slot p on, and the copy has head.max_len >= p slots before
+        the bucket, so it fits), else an empty cache of the whole prompt's bucket."""
+        p, n = len(self.prefix), len(ids)
+        if p and n > p and tuple(ids[:p]) == self.prefix:
+            head, t = self._prefix_row(), suffix_bucket(n - p)
+            if head.max_len + t <= self.cache_len:
+                self.stats["prefix_hits"] += 1
+                return self._extend(head, new_len=head.max_len + t), p, t
+        t = -(-n // self.bucket) * self.bucket
+        return init_cache(self.generator.model.cfg, 1, t, self.generator.model.compute_dtype), 0, t
+
+    def _prefix_row(self) -> KVCache:
+        if self._prefix_cache is None:
+            t = -(-len(self.prefix) // 8) * 8
+            row = init_cache(self.generator.model.cfg, 1, t, self.generator.model.compute_dtype)
+            _, self._prefix_cache = self._prefill_block(row, self.prefix, 0, t)
+        return self._prefix_cache
 
     def _free_cancelled(self) -> None:
         """Rows whose reader left (client gone, stream closed) stop here."""

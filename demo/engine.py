@@ -120,7 +120,8 @@ class JaxkdEngine:
         self.generator = Generator(loaded.model, loaded.tokenizer, max_seq_len=cfg.max_seq_len,
                                    prompt_bucket=cfg.prompt_bucket)
         self.max_batch = cfg.max_batch
-        self.batch = BatchedStreams(self.generator, cfg.sampling, cfg.max_batch)
+        self.batch = BatchedStreams(self.generator, cfg.sampling, cfg.max_batch,
+                                    prefix=self.shared_prefix() if cfg.prefix_cache else ())
 
     def messages(self, question: str, device: str | None) -> list[dict[str, str]]:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -129,9 +130,18 @@ class JaxkdEngine:
     def prompt_ids(self, question: str, device: str | None) -> list[int]:
         return self._chat_ids(self.generator.tokenizer, self.messages(question, device))
 
+    def shared_prefix(self) -> list[int]:
+        """The chat-formatted tokens every question's prompt starts with (system prompt and the
+        user turn's header), found as the common start of a few unlike questions' prompts; a
+        request is checked against it token by token before its cache is reused."""
+        from demo.batching import common_prefix
+
+        return common_prefix([self.prompt_ids(q, d) for q, d in PREFIX_PROBES])
+
     def warmup(self) -> float:
-        """Compile prefill + admission for the prompt lengths questions actually have (a short and
-        a longest-allowed question: the first two prompt buckets) and the one batched decode step."""
+        """Compile prefill + admission for the prompt lengths questions actually have (short,
+        medium and long questions: the buckets after the cached prefix, or the prompt buckets
+        without one) and the one batched decode step."""
         t0 = time.perf_counter()
         self.batch.warmup([self.prompt_ids(q, None) for q in WARMUP_QUESTIONS])
         return time.perf_counter() - t0
@@ -145,10 +155,18 @@ class JaxkdEngine:
 
 WARMUP_QUESTIONS = (
     "My earbuds will not pair.",
+    "My soundbar loses the TV sound over HDMI ARC every evening and the remote no longer changes the "
+    "volume. How do I fix it?",
     "My wireless headphones keep disconnecting from my laptop and my phone every few minutes, the "
     "sound cuts out, the noise cancelling switches itself off, the battery drains fast and the app "
     "says the firmware is up to date. I already tried forgetting the device. What else can I do?",
 )
+
+
+# Unlike first words (a letter, a digit, punctuation, a space) and a device line: the prompts'
+# common start then ends before anything a question could merge with.
+PREFIX_PROBES = (("My earbuds will not pair.", None), ("1 speaker?", "speakers"), ("(x)", None),
+                 (" why", "headphones"))
 
 
 def build_engine(cfg: EngineConfig) -> AnswerEngine:

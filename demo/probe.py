@@ -184,7 +184,9 @@ def _in_process(engine: str, overrides: Sequence[str], stack: ExitStack, log) ->
     settings = (f"engine.kind={cfg.engine.kind}, max_new_tokens {s.max_new_tokens}, temperature "
                 f"{s.temperature}"
                 + (f", scripted delay {cfg.engine.scripted_token_delay_s} s/word"
-                   if cfg.engine.kind == "scripted" else f", prompt_bucket {cfg.engine.prompt_bucket}")
+                   if cfg.engine.kind == "scripted" else
+                   f", prompt_bucket {cfg.engine.prompt_bucket}, prefix cache "
+                   + (f"{len(svc.engine.batch.prefix)} tokens" if cfg.engine.prefix_cache else "off"))
                 + f"; STT beam {cfg.stt.beam_size}, {cfg.stt.compute_type}, initial prompt "
                 f"{cfg.stt.use_initial_prompt}, hotwords {cfg.stt.use_hotwords}; rate limits lifted; "
                 f"overrides {list(overrides) or 'none'}; app start {built:.1f} s (warm-up "

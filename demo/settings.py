@@ -41,7 +41,9 @@ class EngineConfig:
     ``runs_dir`` wins over it when one exists. ``system_prompt`` None serves the model with its
     own prompt: the one a run was trained with, else jaxkd.data.formatting.SYSTEM_PROMPT.
     ``max_batch``: questions answered at once; they share one decode batch (a question that
-    arrives while others run joins at the next decode step).
+    arrives while others run joins at the next decode step). ``prefix_cache``: prefill the
+    chat-formatted system prompt once and copy its cache into each question's row (time to the
+    first token: only the question is prefilled).
     kind ``scripted``: a model-free engine that streams canned numbered steps (UI development,
     fast tests, load tests of the web layer).
     """
@@ -54,6 +56,7 @@ class EngineConfig:
     prompt_bucket: int = 128
     warmup: bool = True
     max_batch: int = 4
+    prefix_cache: bool = True
     system_prompt: str | None = None
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=160)
     scripted_token_delay_s: float = 0.02  # scripted engine: pause between streamed words

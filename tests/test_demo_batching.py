@@ -159,6 +159,47 @@ def test_sampled_answers_do_not_depend_on_the_batch(tiny):
     assert streams.stats["max_rows"] == 3
 
 
+def test_cached_prefix_gives_the_tokens_of_a_full_prefill_and_is_used_only_on_an_exact_match(tiny):
+    prefix = [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]  # 11 tokens: the prefix cache pads to 16
+    prompts = [prefix + p for p in PROMPTS[:3]] + [PROMPTS[3], prefix[:-1] + [81] + PROMPTS[0]]
+    alone = [tiny.gen.generate([p], GREEDY).tokens[0] for p in prompts]
+    assert len({tuple(t) for t in alone}) == len(prompts), alone
+    streams = BatchedStreams(tiny.gen, GREEDY, max_batch=4, prefix=prefix)
+    try:
+        with streams.paused():
+            reqs = [streams.submit(p) for p in prompts]
+        for r in reqs:
+            text_of(streams, r)
+        # the prefix alone (nothing after it) takes the full prefill too
+        only = streams.submit(prefix)
+        text_of(streams, only)
+    finally:
+        streams.close()
+    assert [r.tokens for r in reqs] == alone
+    assert only.tokens == tiny.gen.generate([prefix], GREEDY).tokens[0]
+    assert streams.stats["prefix_hits"] == 3  # not PROMPTS[3], not the one differing in its last token
+
+
+def test_prefill_from_the_prefix_cache_writes_the_keys_and_values_of_a_full_prefill(tiny):
+    import numpy as np
+
+    prefix = [70, 71, 72, 73, 74, 75, 76, 77, 78, 79, 80]
+    ids = prefix + PROMPTS[1]
+    cached = BatchedStreams(tiny.gen, GREEDY, max_batch=1, prefix=prefix)
+    plain = BatchedStreams(tiny.gen, GREEDY, max_batch=1)
+    try:
+        with cached.paused(), plain.paused():
+            (tok_c, row_c), (tok_p, row_p) = cached.prefill_row(ids), plain.prefill_row(ids)
+    finally:
+        cached.close()
+        plain.close()
+    assert cached.stats["prefix_hits"] == 1 and plain.stats["prefix_hits"] == 0
+    assert tok_c == tok_p and int(row_c.index[0]) == int(row_p.index[0]) == len(ids)
+    n = len(ids)  # every real slot: the prefix's and the rest's (rotary positions included)
+    for a, b in zip(row_c.k + row_c.v, row_p.k + row_p.v):
+        np.testing.assert_allclose(np.asarray(a)[:, :, :n], np.asarray(b)[:, :, :n], rtol=1e-5, atol=1e-5)
+
+
 def ws_answer(ws) -> list[dict]:
     events = []
     while not events or events[-1]["type"] not in ("done", "error"):
@@ -189,6 +230,7 @@ def test_two_websocket_clients_share_the_batch_and_get_their_own_answers(tiny):
     finally:
         svc.queue.close()
     assert engine.batch.stats["max_rows"] == 2  # decoded in one batch
+    assert len(engine.batch.prefix) > 0 and engine.batch.stats["prefix_hits"] == 2
     for events, expected in ((ev_a, alone[0]), (ev_b, alone[1])):
         assert events[-1]["type"] == "done", events[-1]
         tokens = "".join(e["text"] for e in events if e["type"] == "token")
