@@ -11,6 +11,14 @@ mean, each half's paired difference to the baseline (record-level bootstrap, the
 as the report), and the item-level correlation of the probe half with the rule step coverage
 (what the probes are meant to measure) and with the answer length (what they should not).
 
+A last table goes one reference step at a time: the probe's P(yes) for a step against the rule
+scorer's credit for that step in the same answer (``jaxkd.rewards.rules.step_credits``). Its AUC
+is the chance that a step the rule finds (credit >= 0.5) gets a higher P(yes) than one it does not
+(credit 0; ties count half): 0.5 is a probe that does not read the answer for that step, 1.0 one
+that agrees with the rule on every pair. Neither side is ground truth (the rule misses
+paraphrases, the probe may be right there), but a probe that cannot tell the grounded teacher's
+steps from the base model's is not measuring steps.
+
 Each model's judge rows (``<cache>/<tag>/judge.jsonl``: scores only; those its manifest entry
 names, as in the report) are matched to the verdict
 cache rows that hold the halves (``<cache>/judgements/<judge>__<rubric>.jsonl``) by item and exact
@@ -57,8 +65,48 @@ def halves(judge_rows: Sequence[Mapping], verdicts: Sequence[Mapping], criterion
             raise ValueError(f"{criterion} verdict of {row['item_id']} has no step probes (judge.step_weight 0?)")
         out[row["item_id"]] = {"score": float(v["score"]),
                                "rubric": float(np.dot(v["dist"], np.arange(len(v["dist"])))),
-                               "probe": float(v["steps"])}
+                               "probe": float(v["steps"]), "p_yes": list(v.get("steps_p_yes") or ())}
     return out
+
+
+def auc(pos: Sequence[float], neg: Sequence[float]) -> float:
+    """P(a random ``pos`` value > a random ``neg`` value), ties counting half (NaN if either is empty)."""
+    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
+    if not len(pos) or not len(neg):
+        return float("nan")
+    return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def step_table(cfg: Any, tags: Sequence[str], per: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
+    """Per model and pooled: probe P(yes) on the steps the rule credits vs those it does not."""
+    from evals.report import load_results
+    from evals.run import select_items
+    from jaxkd.rewards import item_view
+    from jaxkd.rewards.rules import step_credits
+
+    items = {it["id"]: it for it in select_items(cfg.items.split, cfg.items.records)}
+    answers = {t: r["answers"] for t, r in load_results(cfg, list(items.values())).items()}
+    found, missed = {}, {}
+    for t in tags:
+        found[t], missed[t] = [], []
+        for i, h in per[t].items():
+            view = item_view(items[i])
+            credit = step_credits(answers[t][i], view.steps, view.question)
+            if len(h["p_yes"]) != len(credit):
+                raise ValueError(f"{t} {i}: {len(h['p_yes'])} probe answers for {len(credit)} reference steps")
+            for p, c in zip(h["p_yes"], credit):
+                if c >= 0.5:
+                    found[t].append(p)
+                elif c == 0:
+                    missed[t].append(p)
+    L = ["## Step probes against the rule scorer, step by step", "",
+         "| model | steps the rule finds | steps it does not | P(yes), found | P(yes), not found | AUC |",
+         "|---|---|---|---|---|---|"]
+    for t, f, m in [*((t, found[t], missed[t]) for t in tags),
+                    ("all models", sum(found.values(), []), sum(missed.values(), []))]:
+        mean = lambda x: f"{np.mean(x):.3f}" if x else "-"  # noqa: E731
+        L.append(f"| {t} | {len(f)} | {len(m)} | {mean(f)} | {mean(m)} | {auc(f, m):.3f} |")
+    return L + [""]
 
 
 def judge_rows(cache: Path, manifest: Mapping[str, Any], tag: str, judge: str,
@@ -125,6 +173,7 @@ def build(cfg: Any, results: Mapping[str, Any], config_path: str) -> str:
                      f"{col('probe').mean():.3f} | " + " | ".join(diffs) + f" | {np.corrcoef(col('probe'), rule)[0, 1]:+.3f} "
                      f"| {np.corrcoef(col('probe'), words)[0, 1]:+.3f} |")
         L.append("")
+    L += step_table(cfg, tags, per)  # the probes are asked once per answer: any criterion's rows hold them
     return "\n".join(L)
 
 

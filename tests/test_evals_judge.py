@@ -225,15 +225,24 @@ def test_judge_diagnostics_match_each_answer_to_its_verdict_halves():
     from evals.judge_diagnostics import halves
 
     verdicts = [{"criterion": "technical", "item_id": "a#q1", "score": 4.5, "dist": [0.5, 0.5], "steps": 0.4},
-                {"criterion": "technical", "item_id": "a#q1", "score": 6.0, "dist": [0.0, 1.0], "steps": 0.8},
+                {"criterion": "technical", "item_id": "a#q1", "score": 6.0, "dist": [0.0, 1.0], "steps": 0.8,
+                 "steps_p_yes": [0.7, 0.9]},
                 {"criterion": "completeness", "item_id": "a#q1", "score": 4.5, "dist": [1.0, 0.0], "steps": 0.1}]
     got = halves([{"item_id": "a#q1", "scores": {"technical": 6.0}}], verdicts, "technical")
-    assert got == {"a#q1": {"score": 6.0, "rubric": 1.0, "probe": 0.8}}
+    assert got == {"a#q1": {"score": 6.0, "rubric": 1.0, "probe": 0.8, "p_yes": [0.7, 0.9]}}
     with pytest.raises(KeyError, match="0 candidate rows"):
         halves([{"item_id": "a#q1", "scores": {"technical": 5.0}}], verdicts, "technical")
     with pytest.raises(ValueError, match="no step probes"):
         halves([{"item_id": "b#q1", "scores": {"technical": 1.0}}],
                [{"criterion": "technical", "item_id": "b#q1", "score": 1.0, "dist": [1.0], "steps": None}], "technical")
+
+
+def test_probe_auc_counts_ordered_pairs_and_half_ties():
+    from evals.judge_diagnostics import auc
+
+    assert auc([0.9, 0.8], [0.1, 0.2]) == 1.0 and auc([0.1], [0.9, 0.8]) == 0.0
+    assert auc([0.5, 0.9], [0.5, 0.1]) == 0.875   # (0.5 tie + 1 + 1 + 1) / 4 pairs
+    assert np.isnan(auc([], [0.3]))
 
 
 def test_judge_diagnostics_read_only_the_rows_of_the_manifest_judge(tmp_path):
