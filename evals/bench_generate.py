@@ -69,13 +69,15 @@ def _check_measured_src(worker: "Worker", loaded: dict[str, Any]) -> None:
 class Worker:
     """A bench_worker.py process running one implementation."""
 
-    def __init__(self, name: str, src: Path):
-        self.name = name
+    def __init__(self, name: str, src: Path, xla_flags: str | None = None):
+        self.name, self.xla_flags = name, xla_flags
         # Absolute: the worker runs with cwd=src, where a relative PYTHONPATH would point nowhere and
         # the editable install's jaxkd would be measured instead (caught by check_measured_src).
         src = Path(src).resolve()
         self.src = src
         env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
+        if xla_flags is not None:  # XLA reads them once, at backend start: one process per setting
+            env["XLA_FLAGS"] = xla_flags
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))
 
@@ -179,13 +181,18 @@ def run_layout(reps: int) -> dict[str, Any]:
 
 
 def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], new_tokens: Sequence[int],
-               reps: int) -> dict[str, Any]:
+               reps: int, xla_flags: dict[str, str] | None = None) -> dict[str, Any]:
+    """``xla_flags``: extra jaxkd implementations (this checkout) by name, each run with that
+    XLA_FLAGS value, timed in the same interleaved repetitions."""
     workers = {name: Worker(name, src) for name, src in impls.items()}
+    workers.update({name: Worker(name, ROOT, flags) for name, flags in (xla_flags or {}).items()})
     out: dict[str, Any] = {"impls": {}, "runs": {}}
     try:
         for name, w in workers.items():
             kind = "transformers" if name == "transformers" else "jaxkd"
             out["impls"][name] = w.call(op="load", impl=kind, model=model)
+            if w.xla_flags is not None:
+                out["impls"][name]["xla_flags"] = w.xla_flags
             _check_measured_src(w, out["impls"][name])
             print(f"loaded {name}: {out['impls'][name]}", file=sys.stderr, flush=True)
         for b, n in zip(batch_sizes, new_tokens):
@@ -302,10 +309,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--weights-new-tokens", type=int, default=32, help="new tokens per row, weight-dtype attempts")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["layout", "transformers", "decode", "weights", "teacher"])
+    ap.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS",
+                    help="also decode with this checkout under XLA_FLAGS=FLAGS, reported as NAME "
+                         "(e.g. 'jaxkd-xnn=--xla_cpu_experimental_xnn_fusion_type=dot')")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_generate")
     args = ap.parse_args(argv)
     if args.reps < 5:
         raise SystemExit("--reps must be >= 5 (every figure is the min and median of at least 5 repetitions)")
+    variants = dict(v.split("=", 1) for v in args.xla_flags if "=" in v)
+    if len(variants) != len(args.xla_flags) or {"jaxkd", "baseline", "transformers"} & set(variants):
+        raise SystemExit(f"--xla-flags takes NAME=FLAGS with new names, got {args.xla_flags}")
     tokens = args.new_tokens * len(args.batch_sizes) if len(args.new_tokens) == 1 else args.new_tokens
     if len(tokens) != len(args.batch_sizes):
         raise SystemExit(f"--new-tokens: give one value or one per batch size ({len(args.batch_sizes)})")
@@ -329,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             impls["baseline"] = args.baseline_src
         if "transformers" not in args.skip:
             impls["transformers"] = ROOT
-        res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps)
+        res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps, variants)
         res["decode"]["model"] = args.model
     if "weights" not in args.skip:
         res["weights"] = run_weights(args.model, args.batch_sizes, args.weights_new_tokens, args.reps)

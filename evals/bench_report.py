@@ -96,7 +96,9 @@ def _decode(res: dict[str, Any]) -> list[str]:
            "batch x bandwidth / that. Decode tok/s = batch x (new tokens - 1) / time after the first token "
            "(transformers: its generate time minus a 1-token generate timed in the same repetition). "
            "Implementations: " + ", ".join(
-               f"`{n}`" + (f" ({d['impls'][n].get('jaxkd_file', '')})" if n != "transformers" else
+               f"`{n}`" + (f" ({d['impls'][n].get('jaxkd_file', '')}"
+                           + (f", XLA_FLAGS={d['impls'][n]['xla_flags']}" if d['impls'][n].get('xla_flags') else "")
+                           + ")" if n != "transformers" else
                            f" (torch, {d['impls'][n]['torch_threads']} threads)") for n in names) + ".", "",
            "| batch | new tokens | roofline tok/s | " + " | ".join(
                f"{n} decode tok/s best / median | {n} % roofline" for n in names) + " | " + " | ".join(
