@@ -8,10 +8,13 @@ a finished, failed or cancelled request frees its row at once for the next one.
 
 Design choices (the demo serves a handful of people on a CPU, not a fleet):
 
-- The batch cache always has ``max_batch`` rows and ``max_seq_len`` (rounded up to the prompt
-  bucket) slots, so decode compiles exactly once. Idle rows are decoded too and their output is
-  ignored; for the 0.5B model at batch 4 the whole cache is ~100 MB against ~2 GB of weights read
-  every step, so the fixed shape costs little and spares resize/compaction bookkeeping.
+- The batch cache has ``max_seq_len`` (rounded up to the prompt bucket) slots and one of two
+  widths, so decode compiles twice: one row while one request runs (a lone user decodes at the
+  batch-1 rate: on 2 CPU cores a 4-row step of the 0.5B costs about two and a half 1-row steps),
+  ``max_batch`` rows as soon as a second request is admitted (the running row is copied into
+  row 0 of the wide cache), and back to one row when one request is left. Idle rows of the wide
+  batch are decoded too and their output is ignored (its cache is ~100 MB for the 0.5B against
+  ~2 GB of weights read every step).
 - Rows are independent (``jaxkd.models.kvcache``: right-padded rows, per-row index), and every
   request samples with the key of row 0 folded with its token position, so an answer does not
   depend on which other requests share the batch: greedy or sampled, it is the answer
@@ -43,7 +46,7 @@ from flax import nnx
 
 from jaxkd.config import SamplingConfig
 from jaxkd.models.generate import Capture, Generator, TextDeltas, decode_fn, prefill_fn
-from jaxkd.models.kvcache import KVCache, init_cache, put_row, resize_cache
+from jaxkd.models.kvcache import KVCache, init_cache, put_row, resize_cache, take_rows
 from jaxkd.models.sampling import SamplerKind, row_keys, sampler_scalars
 
 _TEXT, _END, _ERROR = "text", "end", "error"
@@ -139,6 +142,7 @@ class BatchedStreams:
         self._prefill = jax.jit(prefill, donate_argnames=("cache",))
         self._decode = jax.jit(decode, donate_argnames=("cache",))
         self._admit = jax.jit(admit, donate_argnames=("cache",))
+        self._take = jax.jit(take_rows)
         # not donated: the prefix cache is copied (grown by the newcomer's bucket) for every request
         self._extend = jax.jit(resize_cache, static_argnames=("new_len",))
         self.prefix = tuple(int(i) for i in prefix)
@@ -151,7 +155,7 @@ class BatchedStreams:
         self._submitted = self._taken = 0
         self._closed = False
         self.stats = {"admitted": 0, "steps": 0, "max_rows": 0, "cancelled": 0, "failed": 0,
-                      "completed": 0, "prefix_hits": 0}
+                      "completed": 0, "prefix_hits": 0, "width_changes": 0}
         self._thread = threading.Thread(target=self._loop, name="batch-decoder", daemon=True)
         self._thread.start()
 
@@ -210,20 +214,52 @@ class BatchedStreams:
         self._thread.join(timeout=10)
 
     def warmup(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Compile prefill + admission for each prompt's bucket and the one decode step."""
+        """Compile prefill + admission for each prompt's bucket and both decode widths (the
+        prompts one at a time, then the first two together, when max_batch allows)."""
         for ids in prompts:
             stream = self.stream_ids(ids)
             for i, _ in enumerate(stream):
                 if i >= 1:
                     break
             stream.close()
+        if self.max_batch > 1 and len(prompts) > 1:
+            with self.paused():
+                reqs = [self.submit(ids) for ids in prompts[:2]]
+            streams = [self.iterate(r) for r in reqs]
+            for stream in streams:
+                for i, _ in enumerate(stream):
+                    if i >= 1:
+                        break
+            for stream in streams:
+                stream.close()
+
+    @property
+    def width(self) -> int:
+        """Rows in the decode batch now: 1 or max_batch."""
+        return self._cache.batch_size
 
     # -- scheduler -----------------------------------------------------------------------------
 
-    def _new_batch(self) -> None:
+    def _new_batch(self, width: int = 1) -> None:
         cfg = self.generator.model.cfg
-        self._cache = init_cache(cfg, self.max_batch, self.cache_len, self.generator.model.compute_dtype)
-        self._tok = jnp.full((self.max_batch,), self.generator.pad_id, jnp.int32)
+        self._cache = init_cache(cfg, width, self.cache_len, self.generator.model.compute_dtype)
+        self._tok = jnp.full((width,), self.generator.pad_id, jnp.int32)
+
+    def _widen(self) -> None:
+        """One row -> max_batch rows, the running row (if any) kept in row 0."""
+        one, tok = self._cache, self._tok
+        self._new_batch(self.max_batch)
+        if self._rows[0] is not None:
+            self._cache, self._tok = self._admit(self._cache, one, self._tok, jnp.int32(0), tok[0])
+        self.stats["width_changes"] += 1
+
+    def _narrow(self) -> None:
+        """max_batch rows -> one, when exactly one request runs: it moves to row 0."""
+        slot = next(i for i, r in enumerate(self._rows) if r is not None)
+        keep = jnp.asarray([slot], jnp.int32)
+        self._cache, self._tok = self._take(self._cache, keep), self._tok[keep]
+        self._rows = [self._rows[slot]] + [None] * (self.max_batch - 1)
+        self.stats["width_changes"] += 1
 
     def _loop(self) -> None:
         while not self._closed:
@@ -236,6 +272,8 @@ class BatchedStreams:
             with self._gate:
                 self._free_cancelled()  # first, so a waiting request can take the row at once
                 self._admit_waiting(head)
+                if self.active_rows() == 1 and self.width > 1:
+                    self._narrow()
                 if self.active_rows():
                     self._step()
         # Closed: whoever is still waiting or decoding hears so instead of waiting forever.
@@ -266,7 +304,10 @@ class BatchedStreams:
                 self._finish(req, "cancelled")
                 continue
             try:
-                self._admit_one(req, self._rows.index(None))
+                slot = self._rows.index(None)
+                if slot >= self.width:
+                    self._widen()
+                self._admit_one(req, slot)
             except Exception as e:  # this request only: others keep their rows
                 self.stats["failed"] += 1
                 self._finish(req, "error", e)
@@ -338,7 +379,8 @@ class BatchedStreams:
 
     def _step(self) -> None:
         try:
-            self._tok, self._cache = self._decode(self._leaves, self._cache, self._tok, self.keys,
+            keys = self.keys if self.width == self.max_batch else self._key1
+            self._tok, self._cache = self._decode(self._leaves, self._cache, self._tok, keys,
                                                   self.temperature, self.top_p)
             toks = np.asarray(self._tok)
         except Exception as e:  # the batch's cache is gone: end its requests, start afresh

@@ -89,6 +89,33 @@ def test_rows_batched_together_and_joining_later_equal_their_single_answers(tiny
         assert r.finish_reason in ("eos", "length")
 
 
+def test_a_lone_request_decodes_one_row_wide_and_the_batch_widens_for_a_second_and_narrows_again(tiny):
+    streams = BatchedStreams(tiny.gen, GREEDY, max_batch=4)
+    gate = StepGate(streams)
+    widths, gated = [], streams._decode
+
+    def spy(leaves, cache, *args):
+        widths.append(cache.batch_size)
+        return gated(leaves, cache, *args)
+
+    streams._decode = spy
+    try:
+        r0 = streams.submit(PROMPTS[2])
+        gate.release(2)
+        wait_for(lambda: gate.arrived == 3, "two one-row steps done, the third waiting")
+        r1 = streams.submit(PROMPTS[1])  # joins after the third step: the batch widens
+        gate.release()
+        text_of(streams, r0)
+        text_of(streams, r1)
+    finally:
+        streams.close()
+    assert (r0.tokens, r1.tokens) == (tiny.alone[2], tiny.alone[1])  # exact across both copies
+    assert r1.admitted_step == 3 and widths[:3] == [1, 1, 1] and widths[3] == 4
+    # the one that outlives the other finishes one row wide
+    assert r0.finished_step != r1.finished_step and widths[-1] == 1
+    assert streams.stats["width_changes"] == 2 and streams.width == 1
+
+
 def test_cancelled_request_frees_its_row_for_the_next_one(tiny):
     streams = BatchedStreams(tiny.gen, GREEDY, max_batch=2)
     gate = StepGate(streams)
