@@ -45,23 +45,12 @@ import numpy as np
 from flax import nnx
 
 from jaxkd.config import SamplingConfig
-from jaxkd.models.generate import Capture, Generator, TextDeltas, decode_fn, prefill_fn
+from jaxkd.models.generate import Capture, Generator, TextDeltas, common_prefix, decode_fn, prefill_fn
 from jaxkd.models.kvcache import KVCache, init_cache, put_row, resize_cache, take_rows
 from jaxkd.models.sampling import SamplerKind, row_keys, sampler_scalars
 
 _TEXT, _END, _ERROR = "text", "end", "error"
 SUFFIX_MIN = 32   # smallest prefill bucket of a prompt's part after the cached prefix
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
-    """The longest token prefix all ``seqs`` share."""
-    if not seqs:
-        return []
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for s in seqs[1:]:
-        n = next((i for i in range(n) if s[i] != first[i]), n)
-    return list(first[:n])
 
 
 def suffix_bucket(n: int) -> int:
@@ -216,22 +205,20 @@ class BatchedStreams:
     def warmup(self, prompts: Sequence[Sequence[int]]) -> None:
         """Compile prefill + admission for each prompt's bucket and both decode widths (the
         prompts one at a time, then the first two together, when max_batch allows)."""
-        for ids in prompts:
-            stream = self.stream_ids(ids)
-            for i, _ in enumerate(stream):
-                if i >= 1:
-                    break
-            stream.close()
-        if self.max_batch > 1 and len(prompts) > 1:
-            with self.paused():
-                reqs = [self.submit(ids) for ids in prompts[:2]]
-            streams = [self.iterate(r) for r in reqs]
-            for stream in streams:
+        def two_tokens(streams: Sequence[Iterator[str]]) -> None:
+            for stream in streams:   # prefill, admission and one decode step each
                 for i, _ in enumerate(stream):
                     if i >= 1:
                         break
             for stream in streams:
                 stream.close()
+
+        for ids in prompts:
+            two_tokens([self.stream_ids(ids)])
+        if self.max_batch > 1 and len(prompts) > 1:
+            with self.paused():
+                reqs = [self.submit(ids) for ids in prompts[:2]]
+            two_tokens([self.iterate(r) for r in reqs])
 
     @property
     def width(self) -> int:

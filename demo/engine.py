@@ -134,14 +134,14 @@ class JaxkdEngine:
         """The chat-formatted tokens every question's prompt starts with (system prompt and the
         user turn's header), found as the common start of a few unlike questions' prompts; a
         request is checked against it token by token before its cache is reused."""
-        from demo.batching import common_prefix
+        from jaxkd.models.generate import common_prefix
 
         return common_prefix([self.prompt_ids(q, d) for q, d in PREFIX_PROBES])
 
     def warmup(self) -> float:
         """Compile prefill + admission for the prompt lengths questions actually have (short,
         medium and long questions: the buckets after the cached prefix, or the prompt buckets
-        without one) and the one batched decode step."""
+        without one) and the decode step at both batch widths."""
         t0 = time.perf_counter()
         self.batch.warmup([self.prompt_ids(q, None) for q in WARMUP_QUESTIONS])
         return time.perf_counter() - t0

@@ -166,6 +166,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def common_prefix(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """The longest token prefix all ``seqs`` share."""
+    if not seqs:
+        return []
+    n, first = min(len(s) for s in seqs), seqs[0]
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return list(first[:n])
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
@@ -262,9 +272,7 @@ class Generator:
         """Length of the prefix every prompt shares (leaving each at least one token), or 0."""
         if len(prompts) < 2 or self.min_shared_prefix <= 0:
             return 0
-        first, n = prompts[0], min(len(p) for p in prompts) - 1
-        for p in prompts[1:]:
-            n = next((i for i in range(n) if p[i] != first[i]), n)
+        n = len(common_prefix([p[:-1] for p in prompts]))
         return n if n >= self.min_shared_prefix else 0
 
     def _events(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, capture: Capture,
