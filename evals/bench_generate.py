@@ -69,8 +69,8 @@ def _check_measured_src(worker: "Worker", loaded: dict[str, Any]) -> None:
 class Worker:
     """A bench_worker.py process running one implementation."""
 
-    def __init__(self, name: str, src: Path, xla_flags: str | None = None):
-        self.name, self.xla_flags = name, xla_flags
+    def __init__(self, name: str, src: Path, xla_flags: str | None = None, extra_env: dict[str, str] | None = None):
+        self.name, self.xla_flags, self.extra_env = name, xla_flags, dict(extra_env or {})
         # Absolute: the worker runs with cwd=src, where a relative PYTHONPATH would point nowhere and
         # the editable install's jaxkd would be measured instead (caught by check_measured_src).
         src = Path(src).resolve()
@@ -78,6 +78,7 @@ class Worker:
         env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
         if xla_flags is not None:  # XLA reads them once, at backend start: one process per setting
             env["XLA_FLAGS"] = xla_flags
+        env.update(self.extra_env)
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))
 
@@ -181,11 +182,13 @@ def run_layout(reps: int) -> dict[str, Any]:
 
 
 def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], new_tokens: Sequence[int],
-               reps: int, xla_flags: dict[str, str] | None = None) -> dict[str, Any]:
-    """``xla_flags``: extra jaxkd implementations (this checkout) by name, each run with that
-    XLA_FLAGS value, timed in the same interleaved repetitions."""
+               reps: int, xla_flags: dict[str, str] | None = None,
+               envs: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+    """``xla_flags`` / ``envs``: extra jaxkd implementations (this checkout) by name, each run with
+    that XLA_FLAGS value / those environment variables, timed in the same interleaved repetitions."""
     workers = {name: Worker(name, src) for name, src in impls.items()}
     workers.update({name: Worker(name, ROOT, flags) for name, flags in (xla_flags or {}).items()})
+    workers.update({name: Worker(name, ROOT, extra_env=env) for name, env in (envs or {}).items()})
     out: dict[str, Any] = {"impls": {}, "runs": {}}
     try:
         for name, w in workers.items():
@@ -193,6 +196,8 @@ def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], n
             out["impls"][name] = w.call(op="load", impl=kind, model=model)
             if w.xla_flags is not None:
                 out["impls"][name]["xla_flags"] = w.xla_flags
+            if w.extra_env:
+                out["impls"][name]["env"] = w.extra_env
             _check_measured_src(w, out["impls"][name])
             print(f"loaded {name}: {out['impls'][name]}", file=sys.stderr, flush=True)
         for b, n in zip(batch_sizes, new_tokens):
@@ -312,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS",
                     help="also decode with this checkout under XLA_FLAGS=FLAGS, reported as NAME "
                          "(e.g. 'jaxkd-xnn=--xla_cpu_experimental_xnn_fusion_type=dot')")
+    ap.add_argument("--env", nargs="*", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                    help="also decode with this checkout under these environment variables, reported as "
+                         "NAME (e.g. 'jaxkd-io=JAXKD_WEIGHT_LAYOUT=io')")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_generate")
     args = ap.parse_args(argv)
     if args.reps < 5:
@@ -319,6 +327,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = dict(v.split("=", 1) for v in args.xla_flags if "=" in v)
     if len(variants) != len(args.xla_flags) or {"jaxkd", "baseline", "transformers"} & set(variants):
         raise SystemExit(f"--xla-flags takes NAME=FLAGS with new names, got {args.xla_flags}")
+    envs: dict[str, dict[str, str]] = {}
+    for v in args.env:
+        name, _, pairs = v.partition("=")
+        kv = [p.split("=", 1) for p in pairs.split(",") if p]
+        if not kv or any(len(p) != 2 for p in kv) or name in envs or name in variants or \
+                name in ("jaxkd", "baseline", "transformers"):
+            raise SystemExit(f"--env takes NAME=KEY=VALUE[,KEY=VALUE] with new names, got {v!r}")
+        envs[name] = dict(kv)
     tokens = args.new_tokens * len(args.batch_sizes) if len(args.new_tokens) == 1 else args.new_tokens
     if len(tokens) != len(args.batch_sizes):
         raise SystemExit(f"--new-tokens: give one value or one per batch size ({len(args.batch_sizes)})")
@@ -342,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             impls["baseline"] = args.baseline_src
         if "transformers" not in args.skip:
             impls["transformers"] = ROOT
-        res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps, variants)
+        res["decode"] = run_decode(args.model, impls, args.batch_sizes, tokens, args.reps, variants, envs)
         res["decode"]["model"] = args.model
     if "weights" not in args.skip:
         res["weights"] = run_weights(args.model, args.batch_sizes, args.weights_new_tokens, args.reps)

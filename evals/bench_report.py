@@ -98,6 +98,9 @@ def _decode(res: dict[str, Any]) -> list[str]:
            "Implementations: " + ", ".join(
                f"`{n}`" + (f" ({d['impls'][n].get('jaxkd_file', '')}"
                            + (f", XLA_FLAGS={d['impls'][n]['xla_flags']}" if d['impls'][n].get('xla_flags') else "")
+                           + "".join(f", {k}={v}" for k, v in d['impls'][n].get('env', {}).items())
+                           + (", weights multiplied as {one_row} at one row, {many_rows} at more ({source})".format(
+                               **d['impls'][n]['layouts']) if d['impls'][n].get('layouts') else "")
                            + ")" if n != "transformers" else
                            f" (torch, {d['impls'][n]['torch_threads']} threads)") for n in names) + ".", "",
            "| batch | new tokens | roofline tok/s | " + " | ".join(

@@ -67,8 +67,12 @@ def load(msg: dict[str, Any]) -> dict[str, Any]:
     total = sum(x.size * x.dtype.itemsize for x in leaves)
     emb = pre.model.embed_tokens.weight[...]
     gathered = emb.size * emb.dtype.itemsize if pre.model.lm_head is not None else 0
-    return {"load_s": time.perf_counter() - t0, "jaxkd_file": jaxkd.__file__,
-            "param_bytes": total, "weight_bytes_per_step": total - gathered}
+    out = {"load_s": time.perf_counter() - t0, "jaxkd_file": jaxkd.__file__,
+           "param_bytes": total, "weight_bytes_per_step": total - gathered}
+    lay = getattr(STATE["gen"], "layouts", None)  # older checkouts have one layout
+    if lay is not None:
+        out["layouts"] = {"one_row": lay.one_row, "many_rows": lay.many_rows, "source": lay.source}
+    return out
 
 
 def decode(msg: dict[str, Any]) -> dict[str, Any]:

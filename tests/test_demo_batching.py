@@ -42,13 +42,13 @@ class StepGate:
         self.permits, self.arrived, self.fail_next = threading.Semaphore(0), 0, False
         real = streams._decode
 
-        def gated(*args):
+        def gated(*args, **kw):
             self.arrived += 1
             assert self.permits.acquire(timeout=30), "test never released the step"
             if self.fail_next:
                 self.fail_next = False
                 raise RuntimeError("simulated device failure")
-            return real(*args)
+            return real(*args, **kw)
 
         streams._decode = gated
 
@@ -94,9 +94,9 @@ def test_a_lone_request_decodes_one_row_wide_and_the_batch_widens_for_a_second_a
     gate = StepGate(streams)
     widths, gated = [], streams._decode
 
-    def spy(leaves, cache, *args):
+    def spy(leaves, cache, *args, **kw):
         widths.append(cache.batch_size)
-        return gated(leaves, cache, *args)
+        return gated(leaves, cache, *args, **kw)
 
     streams._decode = spy
     try:

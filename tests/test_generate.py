@@ -230,3 +230,42 @@ def test_chat_and_stream_chat(qwen, tokenizer):
         expect = gen.generate([ids], s).tokens[0]
         assert answer == tokenizer.decode(expect, skip_special_tokens=True)
     assert "".join(gen.stream_chat(convs[0], s)) == answers[0]
+
+
+def test_io_weight_layout_matches_the_stored_layout(tokenizer):
+    """Decoding from the [in, out] copy (every step, or only steps wider than one row) gives the
+    stored layout's tokens, log-probs and top-k; the model keeps its [out, in] weights, and the
+    copy follows weights replaced after the Generator was built."""
+    from jaxkd.models.layout import LayoutChoice
+
+    kw = dict(prompt_bucket=8, max_seq_len=128)
+    oi = jax_generator(hf_model("qwen2"), tokenizer, weight_layout="oi", **kw)
+    io = Generator(oi.model, tokenizer, weight_layout="io", **kw)
+    mixed = Generator(oi.model, tokenizer, weight_layout="oi", **kw)
+    mixed.layouts = LayoutChoice("oi", "io", "test")  # prefill + wide steps io, one-row steps oi
+    assert not oi.layouts.needs_copy and (io.layouts.one_row, io.layouts.many_rows) == ("io", "io")
+    q = oi.model.layers[0].self_attn.q_proj
+    assert q.layout == "oi" and q.weight.shape == q.out_shape + q.in_shape
+
+    def check(ref_gen):
+        s = SamplingConfig(max_new_tokens=16, temperature=1.3, top_p=0.95, seed=7)
+        ref = ref_gen.generate(PROMPTS, s, return_logprobs=True, topk=4)
+        for gen in (io, mixed):
+            for prompts in (PROMPTS, PROMPTS[1:2]):
+                out = gen.generate(prompts, s, return_logprobs=True, topk=4)
+                want = ref if len(prompts) > 1 else ref_gen.generate(prompts, s, return_logprobs=True, topk=4)
+                assert out.tokens == want.tokens
+                for i in range(len(prompts)):
+                    # f32 sums in another order: the tolerance of the log-probs-vs-forward test above
+                    assert np.abs(out.logprobs[i] - want.logprobs[i]).max() < 1e-4
+                    np.testing.assert_array_equal(out.topk_ids[i], want.topk_ids[i])
+        return ref.tokens
+
+    before = check(oi)
+    copy = io.leaves_for("io")
+    assert any(x.shape == q.in_shape + q.out_shape and x.shape != q.weight.shape for x in copy)
+    assert io.leaves_for("io") is copy  # made once while the weights stay
+    q.weight.set_value(q.weight[...] * -1.0)
+    assert check(oi) != before  # the new weights change the answer, and both copies follow them
+    with pytest.raises(ValueError, match="weight layout 'xy'"):
+        Generator(oi.model, tokenizer, weight_layout="xy")

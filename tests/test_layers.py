@@ -12,7 +12,8 @@ from flax import nnx
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from jaxkd.config import ModelConfig
-from jaxkd.models.layers import Projection, RMSNorm, apply_rope, make_param, normal_init, rope_cos_sin, rope_inv_freq
+from jaxkd.models.layers import (Projection, RMSNorm, apply_rope, make_param, normal_init, relayout_projections,
+                                 rope_cos_sin, rope_inv_freq)
 from jaxkd.sharding import make_mesh
 
 SCALINGS = {
@@ -95,3 +96,20 @@ def test_params_carry_logical_names_and_need_rules_under_a_mesh():
     with jax.set_mesh(make_mesh(fsdp=2, tensor=2)):
         with pytest.raises(ValueError, match="mesh_context"):
             make_param(nnx.Rngs(0), normal_init, (4, 6), ("embed", "mlp"), jnp.float32)
+
+
+def test_relayout_projections_round_trip_and_same_outputs():
+    p = Projection((3, 4), (5,), ("embed", "q_heads", "head_dim"), use_bias=True, rngs=nnx.Rngs(1),
+                   param_dtype=jnp.float32, compute_dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(2), (2, 7, 3, 4))
+    w, y = np.asarray(p.weight[...]), np.asarray(p(x, "btnh,dnh->btd"))
+    assert relayout_projections(p, "io") == 1 and relayout_projections(p, "io") == 0
+    assert p.weight.shape == (3, 4, 5) and p.weight.get_metadata()["out_sharding"] == ("q_heads", "head_dim", "embed")
+    np.testing.assert_array_equal(np.asarray(p.weight[...]), np.transpose(w, (1, 2, 0)))
+    np.testing.assert_allclose(np.asarray(p(x, "btnh,dnh->btd")), y, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="stored \\[out, in\\] layout"):
+        p.to_hf(p.weight[...])
+    relayout_projections(p, "oi")
+    np.testing.assert_array_equal(np.asarray(p.weight[...]), w)
+    with pytest.raises(ValueError, match="unknown projection layout"):
+        relayout_projections(p, "xy")

@@ -9,11 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxkd.config import RunConfig, SamplingConfig, TeacherConfig
 from jaxkd.distill import teacher as T
 from jaxkd.distill.cache import TeacherCache, cache_key, load_exported
 from jaxkd.models.generate import Generator
+from jaxkd.models.layers import Projection
 from test_train_fixtures import TOKENIZER_VOCAB, byte_tokenizer, tiny_decoder, tiny_records
 
 
@@ -132,3 +134,37 @@ def test_select_prompts_prefix_covers_every_category():
     chosen = T.select_prompts(recs, "first", limit=3)
     assert sorted(r["category"] for r, _ in chosen) == ["a", "b", "c"]
     assert len(T.select_prompts(recs, "all")) == 24
+
+
+def test_teacher_stage_in_the_in_out_layout_gives_the_same_cache_and_puts_the_weights_back(model, tok, tmp_path,
+                                                                                          monkeypatch):
+    """Where batches multiply faster from [in, out] weights the stage holds its one copy so;
+    the answers and top-k are those of the stored layout, and the model ends as it started."""
+    from jaxkd.models.layout import LayoutChoice
+
+    items = T.teacher_prompts(_cfg(tmp_path), "train", records=tiny_records(2))
+    ref_cfg = _cfg(tmp_path / "oi")
+    T.run_teacher(ref_cfg, model, tok, items=items, log=lambda s: None)
+    before = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model))]
+    monkeypatch.setattr(T, "choose_layout", lambda cfg, dtype: LayoutChoice("oi", "io", "test"))
+    seen = []
+    real = T.Generator
+
+    def spy(m, *a, **kw):
+        seen.append({p.layout for _, p in nnx.iter_modules(m) if isinstance(p, Projection)})
+        return real(m, *a, **kw)
+
+    monkeypatch.setattr(T, "Generator", spy)
+    cfg = _cfg(tmp_path / "io")
+    log = []
+    T.run_teacher(cfg, model, tok, items=items, log=log.append)
+    assert seen == [{"io"}] and "[in, out]" in log[0]
+    ref, got = TeacherCache(ref_cfg.teacher.cache_dir), TeacherCache(cfg.teacher.cache_dir)
+    for it in items:
+        a, b = ref.get(it.key), got.get(it.key)
+        assert a.answer_ids == b.answer_ids
+        np.testing.assert_array_equal(ref.topk(a)[0], got.topk(b)[0])
+        np.testing.assert_allclose(ref.topk(a)[1], got.topk(b)[1], atol=1e-5)
+    assert {p.layout for _, p in nnx.iter_modules(model) if isinstance(p, Projection)} == {"oi"}
+    for x, y in zip(before, jax.tree.leaves(nnx.state(model))):
+        np.testing.assert_array_equal(x, np.asarray(y))

@@ -32,6 +32,8 @@ from jaxkd.machine import describe
 from jaxkd.data.formatting import SYSTEM_PROMPT, example_id, example_meta, prompt_messages
 from jaxkd.distill.cache import TeacherCache, TeacherEntry, cache_key, export_answers
 from jaxkd.models.generate import Generator, chat_ids  # noqa: F401 (chat_ids re-exported)
+from jaxkd.models.layers import relayout_projections
+from jaxkd.models.layout import choose as choose_layout
 
 Message = dict[str, str]
 
@@ -166,20 +168,27 @@ def run_teacher(cfg: RunConfig, model: Any, tokenizer: Any, *, items: Sequence[P
     if items is None:
         items = [it for s in tc.splits for it in teacher_prompts(cfg, s)]
     todo = [it for it in items if it.key not in cache]
+    # One copy of the weights, held in the layout this machine multiplies batches fastest with
+    # (jaxkd.models.layout): a second copy of a 1.5B teacher would not fit beside another one on a
+    # 24 GiB machine. Put back as stored when the stage ends.
+    layout = choose_layout(model.cfg, model.compute_dtype).many_rows
     log(f"teacher {tc.preset} (grounding={tc.grounding}): {len(items)} prompts, {len(items) - len(todo)} "
-        f"cached, {len(todo)} to generate in length-sorted batches of {tc.batch_size}")
+        f"cached, {len(todo)} to generate in length-sorted batches of {tc.batch_size} (weights multiplied "
+        f"{'[in, out]' if layout == 'io' else '[out, in]'}: jaxkd.models.layout)")
     prompts = [chat_ids(tokenizer, it.teacher_messages) for it in todo]
     too_long = [it.example_id for it, p in zip(todo, prompts) if len(p) + tc.sampling.max_new_tokens > tc.max_seq_len]
     if too_long:
         raise ValueError(f"teacher prompts {too_long} + max_new_tokens exceed teacher.max_seq_len "
                          f"{tc.max_seq_len}; raise it or lower teacher.sampling.max_new_tokens")
-    gen = Generator(model, tokenizer, max_seq_len=tc.max_seq_len, prompt_bucket=tc.prompt_bucket)
     vocab = real_vocab_size(tokenizer, model.cfg.vocab_size)
     order = sorted(range(len(todo)), key=lambda i: -len(prompts[i]))
     t_start, generated, gen_s = time.perf_counter(), 0, 0.0
     bar = tqdm(total=len(todo), unit="answer", disable=(None if progress is None else not progress),
                dynamic_ncols=True)
     try:
+        relayout_projections(model, layout)
+        gen = Generator(model, tokenizer, max_seq_len=tc.max_seq_len, prompt_bucket=tc.prompt_bucket,
+                        weight_layout="stored")
         for start in range(0, len(order), tc.batch_size):
             batch = order[start:start + tc.batch_size]
             out = gen.generate([prompts[i] for i in batch], tc.sampling, topk=tc.top_k,
@@ -206,6 +215,7 @@ def run_teacher(cfg: RunConfig, model: Any, tokenizer: Any, *, items: Sequence[P
                 f"tok/s), elapsed {elapsed:.0f}s")
     finally:
         bar.close()
+        relayout_projections(model, "oi")
     wall = time.perf_counter() - t_start
     summary = {"prompts": len(items), "generated": len(todo), "new_tokens": generated,
                "generation_s": round(gen_s, 1), "wall_s": round(wall, 1),

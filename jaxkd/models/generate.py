@@ -14,6 +14,9 @@
 - Per generated token a step can also return (``Capture``) the base log-prob, the policy log-prob
   under the sampler that drew it, and the top-k ids / log-probs at a given temperature over the
   real vocabulary: the teacher stage, rescoring checks and GRPO read them from here.
+- Projection weights can be multiplied from an ``[in, out]`` copy where this CPU does that faster
+  (``weight_layout``; measured once per machine by ``jaxkd.models.layout``): batch-1 decode
+  steps and batched steps may each use either layout. The model's own weights are not changed.
 - ``prefill_fn`` / ``decode_fn`` are pure functions of (params, cache, ...); with the cache
   helpers of ``jaxkd.models.kvcache`` they are the pieces a serving loop composes.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -32,6 +36,8 @@ from flax import nnx
 from jaxkd.config import SamplingConfig
 from jaxkd.models.decoder import Decoder
 from jaxkd.models.kvcache import KVCache, init_cache, resize_cache, take_rows
+from jaxkd.models.layers import Projection, relayout_projections
+from jaxkd.models.layout import LayoutChoice, choose as choose_layout
 from jaxkd.models.sampling import (SamplerKind, base_logprobs, row_keys, sample_tokens, sampler_scalars,
                                    step_keys, take_token, topk_logprobs)
 
@@ -107,13 +113,21 @@ def _sample_and_capture(logits_bv: jax.Array, keys_b: jax.Array, positions_b: ja
     return tok_b, out
 
 
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, layout: str | None) -> Decoder:
+    model = nnx.merge(graphdef, params)
+    if layout is not None:
+        relayout_projections(model, layout, transpose=False)
+    return model
+
+
 def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt: jax.Array,
                pos_bt: jax.Array, seg_bt: jax.Array, keys_b: jax.Array, temperature: jax.Array,
-               top_p: jax.Array, kind: SamplerKind, capture: Capture = Capture(),
+               top_p: jax.Array, kind: SamplerKind, capture: Capture = Capture(), layout: str | None = None,
                ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
     """Run right-padded prompts (``seg_bt`` 1 on real tokens) into the cache from each row's
-    ``cache.index`` on; sample each row's next token from its last real position."""
-    model = nnx.merge(graphdef, params)
+    ``cache.index`` on; sample each row's next token from its last real position. ``layout``:
+    the projection layout ``params`` hold (None: the graphdef's)."""
+    model = _merge(graphdef, params, layout)
     h_btd, cache = model(ids_bt, pos_bt, cache=cache, segment_ids_bt=seg_bt, return_hidden=True)
     last_b = jnp.maximum(jnp.sum(seg_bt != 0, axis=1) - 1, 0)
     h_b1d = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)
@@ -124,9 +138,10 @@ def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt
 
 def decode_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tok_b: jax.Array,
               keys_b: jax.Array, temperature: jax.Array, top_p: jax.Array, kind: SamplerKind,
-              capture: Capture = Capture()) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
+              capture: Capture = Capture(), layout: str | None = None,
+              ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
     """Feed one token per row (at that row's position ``cache.index``), sample the next one."""
-    model = nnx.merge(graphdef, params)
+    model = _merge(graphdef, params, layout)
     logits_b1v, cache = model(tok_b[:, None], cache.index[:, None], cache=cache)
     tok_b, out = _sample_and_capture(logits_b1v[:, 0], keys_b, cache.index, temperature, top_p, kind,
                                      capture)
@@ -187,11 +202,16 @@ class Generator:
     step (attention cost vs. number of compiled shapes); ``compact`` gathers the running rows
     into a smaller batch once at most half are left. When every prompt of a batch starts with the
     same ``min_shared_prefix`` or more tokens (a system prompt, or one prompt sampled K times),
-    that prefix is prefilled once and copied to every row (0: never).
+    that prefix is prefilled once and copied to every row (0: never). ``weight_layout``: "auto"
+    (default: per machine, measured; see ``jaxkd.models.layout``), "oi" / "io" (every step in
+    that layout) or "stored" (every step on the weights as the model holds them: no copy, for
+    memory); a layout the model does not hold is a transposed copy. ``self.layouts`` says what
+    was chosen.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, max_seq_len: int = 2048, prompt_bucket: int = 64,
-                 window_bucket: int = WINDOW_BUCKET, compact: bool = True, min_shared_prefix: int = 32):
+                 window_bucket: int = WINDOW_BUCKET, compact: bool = True, min_shared_prefix: int = 32,
+                 weight_layout: str = "auto"):
         if prompt_bucket <= 0 or max_seq_len <= 0 or window_bucket <= 0:
             raise ValueError(f"prompt_bucket ({prompt_bucket}), max_seq_len ({max_seq_len}) and "
                              f"window_bucket ({window_bucket}) must be > 0")
@@ -216,19 +236,63 @@ class Generator:
         self._treedef = jax.tree.structure(nnx.state(model))
         graphdef, treedef = self.graphdef, self._treedef
 
-        def prefill(leaves, cache, *args, kind, capture):
+        def prefill(leaves, cache, *args, kind, capture, layout):
             return prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
-                              capture=capture)
+                              capture=capture, layout=layout)
 
-        def decode(leaves, cache, *args, kind, capture):
+        def decode(leaves, cache, *args, kind, capture, layout):
             return decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
-                             capture=capture)
+                             capture=capture, layout=layout)
 
-        statics = ("kind", "capture")
+        statics = ("kind", "capture", "layout")
         self._prefill = jax.jit(prefill, static_argnames=statics, donate_argnames=("cache",))
         self._decode = jax.jit(decode, static_argnames=statics, donate_argnames=("cache",))
+        self._init_layouts(weight_layout)
         self._take = jax.jit(take_rows)
         self._resize = jax.jit(resize_cache, static_argnames=("new_len",))
+
+    # -- weight layouts ------------------------------------------------------------------------
+
+    def _init_layouts(self, mode: str) -> None:
+        projs = [m for _, m in nnx.iter_modules(self.model) if isinstance(m, Projection)]
+        held = {p.layout for p in projs}
+        if len(held) > 1:
+            raise ValueError(f"the model's projections are held in mixed layouts {sorted(held)}; relayout "
+                             f"them all (jaxkd.models.layers.relayout_projections) first")
+        self.stored = held.pop() if held else "oi"
+        if mode == "stored":  # never copy: every step multiplies the weights as the model holds them
+            self.layouts = LayoutChoice(self.stored, self.stored, "stored")
+        else:
+            self.layouts = choose_layout(self.model.cfg, self.model.compute_dtype, mode)
+        other = "io" if self.stored == "oi" else "oi"
+        by_id = {id(p.weight.get_value()): p for p in projs}
+        leaves = jax.tree.leaves(nnx.state(self.model))
+        # (leaf index, permutation from the stored layout to the other) of every projection weight
+        first = {"oi": lambda p: len(p.out_shape), "io": lambda p: len(p.in_shape)}[self.stored]
+        self._perms = [(i, tuple(range(first(by_id[id(x)]), x.ndim)) + tuple(range(first(by_id[id(x)]))))
+                       for i, x in enumerate(leaves) if id(x) in by_id]
+        perms = tuple(p for _, p in self._perms)
+        self._transpose = jax.jit(lambda ws: [jnp.transpose(w, p) for w, p in zip(ws, perms)])
+        self._other, self._copy_of = other, None
+
+    def leaves_for(self, layout: str) -> list[jax.Array]:
+        """The step's parameter leaves in ``layout``: the model's own when it holds them so, else a
+        transposed copy, made when first needed and again only when the model's weights are
+        replaced (e.g. by a training step)."""
+        leaves = self._param_leaves()
+        if layout == self.stored:
+            return leaves
+        if layout != self._other:
+            raise ValueError(f"unknown projection layout {layout!r}")
+        if self._copy_of is not None and all(r() is x for r, x in zip(self._copy_of[0], leaves)):
+            return self._copy_of[1]
+        self._copy_of = None  # drop the stale copy before making the next one
+        moved = self._transpose([leaves[i] for i, _ in self._perms])
+        copy = list(leaves)
+        for (i, _), w in zip(self._perms, moved):
+            copy[i] = w
+        self._copy_of = ([weakref.ref(x) for x in leaves], copy)
+        return copy
 
     # -- core loop -----------------------------------------------------------------------------
 
@@ -289,7 +353,10 @@ class Generator:
         if row_ids is not None and len(row_ids) != n:
             raise ValueError(f"{len(row_ids)} row_ids for {n} prompts")
         keys = row_keys(sampling.seed, np.arange(n) if row_ids is None else np.asarray(row_ids))
-        params = self._param_leaves()
+        params = {name: self.leaves_for(name) for name in {self.layouts.many_rows, self.layouts.for_rows(n)}}
+        if self.compact and n > 1:  # compaction can bring the batch down to one row
+            params.setdefault(self.layouts.one_row, self.leaves_for(self.layouts.one_row))
+        wide = self.layouts.many_rows
         shared = self._shared_prefix(prompts)
         ids, pos, seg = self._layout([p[shared:] for p in prompts], offset=shared)
         size = max(shared + ids.shape[1], self._window(int(lengths.max()) + 1))
@@ -297,12 +364,13 @@ class Generator:
         t0 = time.perf_counter()
         if shared:  # prefill the common prefix once, copy it to every row, then the rest per row
             one = init_cache(self.model.cfg, 1, size, self.model.compute_dtype)
-            _, _, one = self._prefill(params, one, *self._layout([prompts[0][:shared]]),
-                                      keys[:1], temperature, top_p, kind=kind, capture=Capture())
+            _, _, one = self._prefill(params[wide], one, *self._layout([prompts[0][:shared]]),
+                                      keys[:1], temperature, top_p, kind=kind, capture=Capture(), layout=wide)
             cache = self._take(one, np.zeros(n, np.int32))
         else:
             cache = init_cache(self.model.cfg, n, size, self.model.compute_dtype)
-        tok, out, cache = self._prefill(params, cache, ids, pos, seg, keys, temperature, top_p, **statics)
+        tok, out, cache = self._prefill(params[wide], cache, ids, pos, seg, keys, temperature, top_p, **statics,
+                                        layout=wide)
         slot_rows = np.arange(n)          # the prompt row each batch slot holds (-1: filler)
         index = lengths.astype(np.int64)  # per slot: the position (= cache slot) fed next
         produced, done = np.zeros(n, np.int64), np.zeros(n, bool)
@@ -324,7 +392,9 @@ class Generator:
                 need = int(index[live].max()) + 1
                 if need > cache.max_len:
                     cache = self._resize(cache, new_len=self._window(need))
-                tok, out, cache = self._decode(params, cache, tok, keys, temperature, top_p, **statics)
+                layout = self.layouts.for_rows(len(slot_rows))
+                tok, out, cache = self._decode(params[layout], cache, tok, keys, temperature, top_p, **statics,
+                                               layout=layout)
                 index = index + 1
                 nxt = (tok, out, slot_rows)
             p_tok, p_out, p_rows = pending
@@ -434,8 +504,9 @@ class Generator:
         sampling = sampling or SamplingConfig()
         kind = SamplerKind.of(sampling, self.vocab)
         temperature, top_p = sampler_scalars(sampling)
-        params = self._param_leaves()
         for b in batch_sizes:
+            layout = self.layouts.for_rows(b)
+            params = self.leaves_for(layout)
             events = self._events([[self.pad_id]] * b, sampling, Capture(), {})
             for i, _ in enumerate(events):
                 if i >= 1:
@@ -448,4 +519,4 @@ class Generator:
                 cache = init_cache(self.model.cfg, b, size, self.model.compute_dtype)
                 tok = jnp.full((b,), self.pad_id, jnp.int32)
                 jax.block_until_ready(self._decode(params, cache, tok, keys, temperature, top_p, kind=kind,
-                                                   capture=Capture())[0])
+                                                   capture=Capture(), layout=layout)[0])

@@ -9,10 +9,11 @@ Einsum / shape-suffix legend (names like ``x_btd`` say the axes of the array):
 
 Weights are stored output-axis first, HF's ``[out, in]`` with the head axes split out
 (``q_proj.weight`` is ``nhd``, ``o_proj.weight`` is ``dnh``, ``gate_proj.weight`` is ``fd``,
-``down_proj.weight`` is ``df``; the embedding and ``lm_head`` are ``vd``). XLA's CPU matmul runs a
-``[rows, in] x [out, in]`` contraction up to ~2x faster than ``[in, out]`` once there is more
-than one row (``evals/results/bench_generate.md``, layout table), and loading / exporting HF
-tensors is a reshape, never a transpose.
+``down_proj.weight`` is ``df``; the embedding and ``lm_head`` are ``vd``): loading / exporting HF
+tensors is a reshape, never a transpose. Which layout XLA's CPU matmul runs faster depends on the
+CPU and the row count (``[out, in]`` on a 2-core AMX Xeon; ``[in, out]`` for 8+ rows on a 2-core
+AMD EPYC), so generation may multiply from an ``[in, out]`` copy (``relayout_projections``,
+chosen by measurement in ``jaxkd.models.layout``).
 
 KV cache arrays are ``[B, K, S, H]`` (kv heads before slots): both attention contractions then
 take the cache as stored, with (B, K) as batch dimensions, so a decode step never transposes it.
@@ -175,6 +176,7 @@ class Projection(nnx.Module):
         self.in_shape, self.out_shape = in_shape, out_shape
         self.names = tuple(names)
         self.compute_dtype = compute_dtype
+        self.layout = "oi"  # "io": weight held in_shape + out_shape (see relayout_projections)
         self.weight = make_param(rngs, normal_init, out_shape + in_shape, names, param_dtype)
         self.bias = (make_param(rngs, zeros_init, out_shape, names[:len(out_shape)], param_dtype)
                      if use_bias else None)
@@ -190,6 +192,7 @@ class Projection(nnx.Module):
     def add_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
         """Attach a rank-``rank`` adapter: A small random (std 1/sqrt(in), as a unit-scale input
         gives unit-scale A x), B zeros, so the adapted layer starts exactly equal to the base."""
+        self._require_canonical("add_lora")
         if self.lora_rank:
             raise ValueError(f"this Projection already has a rank-{self.lora_rank} LoRA adapter")
         if rank <= 0 or alpha <= 0:
@@ -217,6 +220,7 @@ class Projection(nnx.Module):
         """``alpha / r * B A`` in the weight's ``out_shape + in_shape`` layout, float32."""
         if not self.lora_rank:
             raise ValueError("this Projection has no LoRA adapter")
+        self._require_canonical("lora_delta")
         r = self.lora_rank
         a_ri = self.lora_a[...].astype(jnp.float32).reshape(r, -1)
         b_or = self.lora_b[...].astype(jnp.float32).reshape(-1, r)
@@ -231,6 +235,12 @@ class Projection(nnx.Module):
         self.weight[...] = (w.astype(jnp.float32) + self.lora_delta()).astype(w.dtype)
         del self.lora_a, self.lora_b, self.lora_scale, self.lora_enabled
 
+    def _require_canonical(self, what: str) -> None:
+        if self.layout != "oi":
+            raise ValueError(f"Projection.{what} needs the weight in its stored [out, in] layout, not "
+                             f"{self.layout!r}: call it on the model, not on a decode copy made by "
+                             f"relayout_projections")
+
     # -- forward ---------------------------------------------------------------------------
 
     def __call__(self, x: jax.Array, spec: str) -> jax.Array:
@@ -241,12 +251,18 @@ class Projection(nnx.Module):
         lead = x.shape[: x.ndim - n_in]
         if tuple(x.shape[x.ndim - n_in:]) != self.in_shape or spec.count(",") != 1:
             raise ValueError(f"Projection {spec}: input {x.shape} does not end in {self.in_shape}")
-        w_oi = self.weight[...].astype(self.compute_dtype).reshape(-1, math.prod(self.in_shape))
-        x_mi = x.astype(self.compute_dtype).reshape(*lead, math.prod(self.in_shape))
+        n_i = math.prod(self.in_shape)
+        x_mi = x.astype(self.compute_dtype).reshape(*lead, n_i)
         # f32 accumulation: XLA:CPU sends bf16 x bf16 -> f32 dots to its fast (oneDNN / AMX) path,
         # while bf16 -> bf16 dots take a slow one (at M=2560 on a 2-core AMX Xeon: 1.1x slower than
         # f32 vs 3.0x faster with f32 out; evals/results/bf16_probe.md); f32 is unchanged
-        y_mo = jnp.einsum("...i,oi->...o", x_mi, w_oi, preferred_element_type=jnp.float32).astype(self.compute_dtype)
+        if self.layout == "io":
+            w_io = self.weight[...].astype(self.compute_dtype).reshape(n_i, -1)
+            y_mo = jnp.einsum("...i,io->...o", x_mi, w_io, preferred_element_type=jnp.float32)
+        else:
+            w_oi = self.weight[...].astype(self.compute_dtype).reshape(-1, n_i)
+            y_mo = jnp.einsum("...i,oi->...o", x_mi, w_oi, preferred_element_type=jnp.float32)
+        y_mo = y_mo.astype(self.compute_dtype)
         if self.lora_rank and self.lora_enabled:
             r = self.lora_rank
             a_ri = self.lora_a[...].astype(self.compute_dtype).reshape(r, -1)
@@ -263,10 +279,41 @@ class Projection(nnx.Module):
 
     def from_hf(self, w_oi: np.ndarray) -> np.ndarray:
         """HF ``[out, in]`` matrix -> this layer's ``out_shape + in_shape`` layout (a reshape)."""
+        self._require_canonical("from_hf")
         return np.asarray(w_oi).reshape(self.out_shape + self.in_shape)
 
     def to_hf(self, w: np.ndarray) -> np.ndarray:
+        self._require_canonical("to_hf")
         return np.asarray(w).reshape(self.hf_weight_shape())
+
+
+PROJECTION_LAYOUTS = ("oi", "io")
+
+
+def relayout_projections(model: nnx.Module, layout: str, *, transpose: bool = True) -> int:
+    """Hold every ``Projection`` weight of ``model`` in ``layout``: ``"oi"`` (``out_shape +
+    in_shape``: HF's order, the one training, checkpoints, LoRA and export use) or ``"io"``
+    (``in_shape + out_shape``). Which one XLA:CPU multiplies faster depends on the CPU and on the
+    row count (``jaxkd.models.layout``), so a decode step may run on an ``"io"`` copy of the
+    weights. ``transpose=False`` only sets the flags: for a model merged from weights that are
+    already in ``layout``. Returns how many projections changed."""
+    if layout not in PROJECTION_LAYOUTS:
+        raise ValueError(f"unknown projection layout {layout!r}; expected one of {PROJECTION_LAYOUTS}")
+    changed = 0
+    for _, proj in nnx.iter_modules(model):
+        if not isinstance(proj, Projection) or proj.layout == layout:
+            continue
+        if transpose:
+            w = proj.weight[...]
+            first = len(proj.out_shape) if proj.layout == "oi" else len(proj.in_shape)
+            perm = tuple(range(first, w.ndim)) + tuple(range(first))
+            proj.weight.set_value(jnp.transpose(w, perm))
+            names = proj.weight.get_metadata().get("out_sharding")
+            if names is not None and len(names) == w.ndim:
+                proj.weight.set_metadata("out_sharding", tuple(names[i] for i in perm))
+        proj.layout = layout
+        changed += 1
+    return changed
 
 
 def write_cache(cache_bksh: jax.Array, new_btkh: jax.Array, index_b: jax.Array) -> jax.Array:
