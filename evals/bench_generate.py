@@ -338,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     tokens = args.new_tokens * len(args.batch_sizes) if len(args.new_tokens) == 1 else args.new_tokens
     if len(tokens) != len(args.batch_sizes):
         raise SystemExit(f"--new-tokens: give one value or one per batch size ({len(args.batch_sizes)})")
+    if args.baseline_src is not None:  # absolute: workers run with their checkout as cwd
+        args.baseline_src = args.baseline_src.resolve()
     if args.baseline_src is not None and not (args.baseline_src / "jaxkd" / "__init__.py").exists():
         raise SystemExit(f"--baseline-src {args.baseline_src} is not a jaxkd checkout (no jaxkd/__init__.py)")
 

@@ -245,8 +245,9 @@ class Projection(nnx.Module):
 
     def __call__(self, x: jax.Array, spec: str) -> jax.Array:
         """``spec`` documents the contraction (e.g. ``"btnh,dnh->btd"``); it is computed as one
-        2-D matmul ``[..., in] x [out, in]``: the weight reshape is free (row-major), and only the
-        small activation is ever relaid out, never the weight."""
+        2-D matmul ``[..., in] x [out, in]`` (``x [in, out]`` when ``layout`` is ``"io"``): the
+        weight reshape is free (row-major), and only the small activation is ever relaid out,
+        never the weight."""
         n_in = len(self.in_shape)
         lead = x.shape[: x.ndim - n_in]
         if tuple(x.shape[x.ndim - n_in:]) != self.in_shape or spec.count(",") != 1:
