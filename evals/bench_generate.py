@@ -69,15 +69,14 @@ def _check_measured_src(worker: "Worker", loaded: dict[str, Any]) -> None:
 class Worker:
     """A bench_worker.py process running one implementation."""
 
-    def __init__(self, name: str, src: Path, xla_flags: str | None = None, extra_env: dict[str, str] | None = None):
-        self.name, self.xla_flags, self.extra_env = name, xla_flags, dict(extra_env or {})
+    def __init__(self, name: str, src: Path, extra_env: dict[str, str] | None = None):
+        self.name, self.extra_env = name, dict(extra_env or {})
         # Absolute: the worker runs with cwd=src, where a relative PYTHONPATH would point nowhere and
         # the editable install's jaxkd would be measured instead (caught by check_measured_src).
         src = Path(src).resolve()
         self.src = src
         env = dict(os.environ, PYTHONPATH=str(src), TOKENIZERS_PARALLELISM="false")
-        if xla_flags is not None:  # XLA reads them once, at backend start: one process per setting
-            env["XLA_FLAGS"] = xla_flags
+        # XLA_FLAGS / JAXKD_WEIGHT_LAYOUT are read once, at start: one process per setting
         env.update(self.extra_env)
         self.proc = subprocess.Popen([sys.executable, str(WORKER)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=str(src))
@@ -187,15 +186,13 @@ def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], n
     """``xla_flags`` / ``envs``: extra jaxkd implementations (this checkout) by name, each run with
     that XLA_FLAGS value / those environment variables, timed in the same interleaved repetitions."""
     workers = {name: Worker(name, src) for name, src in impls.items()}
-    workers.update({name: Worker(name, ROOT, flags) for name, flags in (xla_flags or {}).items()})
-    workers.update({name: Worker(name, ROOT, extra_env=env) for name, env in (envs or {}).items()})
+    envs = {**{name: {"XLA_FLAGS": flags} for name, flags in (xla_flags or {}).items()}, **(envs or {})}
+    workers.update({name: Worker(name, ROOT, env) for name, env in envs.items()})
     out: dict[str, Any] = {"impls": {}, "runs": {}}
     try:
         for name, w in workers.items():
             kind = "transformers" if name == "transformers" else "jaxkd"
             out["impls"][name] = w.call(op="load", impl=kind, model=model)
-            if w.xla_flags is not None:
-                out["impls"][name]["xla_flags"] = w.xla_flags
             if w.extra_env:
                 out["impls"][name]["env"] = w.extra_env
             _check_measured_src(w, out["impls"][name])

@@ -268,9 +268,7 @@ class Generator:
         by_id = {id(p.weight.get_value()): p for p in projs}
         leaves = jax.tree.leaves(nnx.state(self.model))
         # (leaf index, permutation from the stored layout to the other) of every projection weight
-        first = {"oi": lambda p: len(p.out_shape), "io": lambda p: len(p.in_shape)}[self.stored]
-        self._perms = [(i, tuple(range(first(by_id[id(x)]), x.ndim)) + tuple(range(first(by_id[id(x)]))))
-                       for i, x in enumerate(leaves) if id(x) in by_id]
+        self._perms = [(i, by_id[id(x)].flip_perm()) for i, x in enumerate(leaves) if id(x) in by_id]
         perms = tuple(p for _, p in self._perms)
         self._transpose = jax.jit(lambda ws: [jnp.transpose(w, p) for w, p in zip(ws, perms)])
         self._other, self._copy_of = other, None

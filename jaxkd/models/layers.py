@@ -235,6 +235,12 @@ class Projection(nnx.Module):
         self.weight[...] = (w.astype(jnp.float32) + self.lora_delta()).astype(w.dtype)
         del self.lora_a, self.lora_b, self.lora_scale, self.lora_enabled
 
+    def flip_perm(self) -> tuple[int, ...]:
+        """The axis permutation that takes the weight from the layout it is held in to the other."""
+        first = len(self.out_shape) if self.layout == "oi" else len(self.in_shape)
+        n = len(self.out_shape) + len(self.in_shape)
+        return tuple(range(first, n)) + tuple(range(first))
+
     def _require_canonical(self, what: str) -> None:
         if self.layout != "oi":
             raise ValueError(f"Projection.{what} needs the weight in its stored [out, in] layout, not "
@@ -305,12 +311,10 @@ def relayout_projections(model: nnx.Module, layout: str, *, transpose: bool = Tr
         if not isinstance(proj, Projection) or proj.layout == layout:
             continue
         if transpose:
-            w = proj.weight[...]
-            first = len(proj.out_shape) if proj.layout == "oi" else len(proj.in_shape)
-            perm = tuple(range(first, w.ndim)) + tuple(range(first))
-            proj.weight.set_value(jnp.transpose(w, perm))
+            perm = proj.flip_perm()
+            proj.weight.set_value(jnp.transpose(proj.weight[...], perm))
             names = proj.weight.get_metadata().get("out_sharding")
-            if names is not None and len(names) == w.ndim:
+            if names is not None and len(names) == len(perm):
                 proj.weight.set_metadata("out_sharding", tuple(names[i] for i in perm))
         proj.layout = layout
         changed += 1

@@ -60,12 +60,17 @@ def cache_path() -> Path:
     return Path(os.environ.get("JAXKD_CACHE", Path.home() / ".cache" / "jaxkd")) / "layout.json"
 
 
+def layer_shapes(cfg: ModelConfig) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's projections: q, k, v, o, gate, up, down."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
 def projection_bytes(cfg: ModelConfig, dtype: Any) -> int:
     import numpy as np
 
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
-    per_layer = d * q * 2 + d * kv * 2 + d * f * 3
+    per_layer = sum(i * o for i, o in layer_shapes(cfg))
     return per_layer * cfg.num_layers * np.dtype(dtype).itemsize
 
 
@@ -75,10 +80,10 @@ def _machine_key(cfg: ModelConfig, dtype: Any) -> str:
 
     from jaxkd.machine import cpu_facts
 
-    facts = cpu_facts()
+    facts, (q_proj, k_proj) = cpu_facts(), layer_shapes(cfg)[:2]
     raw = json.dumps([facts["cpu"], facts["simd"], facts["cores"], jax.__version__,
-                      cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_size,
-                      cfg.num_kv_heads * cfg.head_size, np.dtype(dtype).name, ROWS_MANY, MARGIN])
+                      cfg.hidden_size, cfg.intermediate_size, q_proj[1], k_proj[1],
+                      np.dtype(dtype).name, ROWS_MANY, MARGIN])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -89,9 +94,9 @@ def measure(cfg: ModelConfig, dtype: Any, *, reps: int = REPS, layers: int = 4) 
     import jax
     import jax.numpy as jnp
 
-    d, f = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_size, cfg.num_kv_heads * cfg.head_size
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)] * layers  # (in, out)
+    one = layer_shapes(cfg)
+    d, q, kv = cfg.hidden_size, one[0][1], one[1][1]
+    shapes = one * layers
     keys = jax.random.split(jax.random.key(0), len(shapes))
     w_io = [jax.random.normal(k, s, dtype) * 0.02 for k, s in zip(keys, shapes)]
     w_oi = [jnp.asarray(w.T) for w in w_io]
