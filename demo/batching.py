@@ -110,30 +110,29 @@ class BatchedStreams:
         self._key1 = self.keys[:1]
         # Parameters as a flat list, read once: the demo never updates weights while serving, and
         # flattening ~300 leaves per step would cost host time on every token.
-        # The generator's layout choice holds here too: one-row steps and wider ones (and every
-        # prefill) may each run on the weights as stored or on an [in, out] copy.
-        self.layouts = generator.layouts
-        self._leaves = {name: generator.leaves_for(name)
-                        for name in {self.layouts.one_row, self.layouts.many_rows}}
+        # The generator's choices hold here too: one-row steps and wider ones (and every prefill)
+        # may each run on the weights as stored or on an [in, out] and/or bf16 copy.
+        self.step_weights = generator.step_weights
+        self._leaves = {w: generator.leaves_for(*w) for w in {self.step_weights(1), self.step_weights(2)}}
         treedef = jax.tree.structure(nnx.state(model))
         graphdef = nnx.split(model)[0]
         statics = dict(kind=self.kind, capture=Capture())
 
-        def prefill(leaves, cache, ids, pos, seg, keys, temperature, top_p, layout):
-            tok, _, cache = prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids,
-                                       pos, seg, keys, temperature, top_p, **statics, layout=layout)
+        def prefill(leaves, cache, ids, pos, seg, keys, temperature, top_p, weights):
+            tok, _, cache = prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, ids, pos, seg,
+                                       keys, temperature, top_p, **statics, layout=weights[0], dtype=weights[1])
             return tok, cache
 
-        def decode(leaves, cache, tok, keys, temperature, top_p, layout):
-            tok, _, cache = decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, tok,
-                                      keys, temperature, top_p, **statics, layout=layout)
+        def decode(leaves, cache, tok, keys, temperature, top_p, weights):
+            tok, _, cache = decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, tok, keys,
+                                      temperature, top_p, **statics, layout=weights[0], dtype=weights[1])
             return tok, cache
 
         def admit(cache, row, tok_b, slot, first):
             return put_row(cache, row, slot), tok_b.at[slot].set(first)
 
-        self._prefill = jax.jit(prefill, donate_argnames=("cache",), static_argnames=("layout",))
-        self._decode = jax.jit(decode, donate_argnames=("cache",), static_argnames=("layout",))
+        self._prefill = jax.jit(prefill, donate_argnames=("cache",), static_argnames=("weights",))
+        self._decode = jax.jit(decode, donate_argnames=("cache",), static_argnames=("weights",))
         self._admit = jax.jit(admit, donate_argnames=("cache",))
         self._take = jax.jit(take_rows)
         # not donated: the prefix cache is copied (grown by the newcomer's bucket) for every request
@@ -336,9 +335,9 @@ class BatchedStreams:
         ids[0, :len(tokens)] = tokens
         seg = (np.arange(t) < len(tokens)).astype(np.int32)[None]
         pos = (start + np.arange(t, dtype=np.int32))[None]
-        wide = self.layouts.many_rows
+        wide = self.step_weights(2)  # a prompt block is many rows
         return self._prefill(self._leaves[wide], row, jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(seg),
-                             self._key1, self.temperature, self.top_p, layout=wide)
+                             self._key1, self.temperature, self.top_p, weights=wide)
 
     def _row_for(self, ids: Sequence[int]) -> tuple[KVCache, int, int]:
         """(one-row cache, position prefill starts at, prefill length) for the prompt ``ids``: a
@@ -372,9 +371,9 @@ class BatchedStreams:
     def _step(self) -> None:
         try:
             keys = self.keys if self.width == self.max_batch else self._key1
-            layout = self.layouts.for_rows(self.width)
-            self._tok, self._cache = self._decode(self._leaves[layout], self._cache, self._tok, keys,
-                                                  self.temperature, self.top_p, layout=layout)
+            weights = self.step_weights(self.width)
+            self._tok, self._cache = self._decode(self._leaves[weights], self._cache, self._tok, keys,
+                                                  self.temperature, self.top_p, weights=weights)
             toks = np.asarray(self._tok)
         except Exception as e:  # the batch's cache is gone: end its requests, start afresh
             for slot, row in enumerate(self._rows):

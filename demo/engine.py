@@ -118,7 +118,7 @@ class JaxkdEngine:
         self.source = loaded.source      # where the weights came from (a run's checkpoint step, ...)
         self.system_prompt = loaded.system_prompt if cfg.system_prompt is None else cfg.system_prompt
         self.generator = Generator(loaded.model, loaded.tokenizer, max_seq_len=cfg.max_seq_len,
-                                   prompt_bucket=cfg.prompt_bucket)
+                                   prompt_bucket=cfg.prompt_bucket, batched_dtype=cfg.batched_dtype)
         self.max_batch = cfg.max_batch
         self.batch = BatchedStreams(self.generator, cfg.sampling, cfg.max_batch,
                                     prefix=self.shared_prefix() if cfg.prefix_cache else ())

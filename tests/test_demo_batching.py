@@ -316,3 +316,33 @@ def test_scripted_busy_and_rate_limits_still_apply_with_a_batch():
     assert ev_a[-1]["answer"] == q1 + " " and ev_b[-1]["answer"] == q2 + " "
     assert ev_w[-1]["answer"] == "waits its turn "
     assert limited["code"] == "rate_limited"
+
+
+def test_batched_bf16_generator_runs_wide_steps_in_bf16_and_lone_rows_in_f32(tiny):
+    """With ``batched_dtype="bfloat16"`` the demo's wide steps (and prompt prefill) use the bf16
+    copy and one-row steps the f32 weights, as the Generator's own loop does: a lone request gets
+    the Generator's answer exactly."""
+    gen = Generator(tiny.gen.model, tiny.tok, max_seq_len=64, prompt_bucket=16, batched_dtype="bfloat16")
+    streams = BatchedStreams(gen, GREEDY, max_batch=4)
+    gate = StepGate(streams)
+    seen, gated = [], streams._decode
+
+    def spy(leaves, cache, *args, weights, **kw):
+        seen.append((cache.batch_size, weights[1], str(leaves[0].dtype)))
+        return gated(leaves, cache, *args, weights=weights, **kw)
+
+    streams._decode = spy
+    try:
+        r0 = streams.submit(PROMPTS[2])
+        gate.release(2)
+        wait_for(lambda: gate.arrived == 3, "two one-row steps done, the third waiting")
+        r1 = streams.submit(PROMPTS[1])
+        gate.release()
+        text_of(streams, r0)
+        text_of(streams, r1)
+    finally:
+        streams.close()
+    assert r0.tokens[:3] == gen.generate([PROMPTS[2]], GREEDY).tokens[0][:3]
+    assert seen[0] == (1, None, "float32") and (4, "bfloat16", "bfloat16") in seen
+    assert {s for s in seen if s[0] == 1} == {(1, None, "float32")}
+    assert {s for s in seen if s[0] > 1} == {(4, "bfloat16", "bfloat16")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -269,3 +270,67 @@ def test_io_weight_layout_matches_the_stored_layout(tokenizer):
     assert check(oi) != before  # the new weights change the answer, and both copies follow them
     with pytest.raises(ValueError, match="weight layout 'xy'"):
         Generator(oi.model, tokenizer, weight_layout="xy")
+
+
+def test_batched_bf16_steps_equal_a_bf16_model_and_keep_one_row_steps(tokenizer, monkeypatch):
+    """``batched_dtype="bfloat16"``: prefill and every step over more than one row compute on a
+    bf16 copy of the weights, exactly as a model held and run in bf16 would (the KV cache stays
+    f32, which holds bf16 keys and values exactly); one-row steps stay on the f32 weights; the copy
+    follows weights replaced after the Generator was built."""
+    from jaxkd.models.generate import BATCHED_DTYPE_ENV, set_compute_dtype
+
+    kw = dict(prompt_bucket=8, max_seq_len=128, weight_layout="oi", compact=False)
+    f32 = jax_generator(hf_model("qwen2"), tokenizer, **kw)
+    mixed = Generator(f32.model, tokenizer, batched_dtype="bfloat16", **kw)
+    assert mixed.step_weights(1) == ("oi", None) and mixed.step_weights(2) == ("oi", "bfloat16")
+    assert f32.step_weights(2) == ("oi", None)
+
+    def bf16_model():
+        graphdef, state = nnx.split(f32.model)
+        model = nnx.merge(graphdef, jax.tree.map(
+            lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, state))
+        set_compute_dtype(model, jnp.bfloat16)
+        return model
+
+    s = SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.95, seed=7)
+    got = mixed.generate(PROMPTS, s, return_logprobs=True, topk=4)
+    want = Generator(bf16_model(), tokenizer, **kw).generate(PROMPTS, s, return_logprobs=True, topk=4)
+    full = f32.generate(PROMPTS, s, return_logprobs=True)
+    assert got.tokens == want.tokens
+    for i in range(len(PROMPTS)):
+        np.testing.assert_allclose(got.logprobs[i], want.logprobs[i], atol=1e-5)
+        np.testing.assert_array_equal(got.topk_ids[i], want.topk_ids[i])
+    # bf16 is not f32: the log-probs of the same first token differ (the copy is really bf16)
+    assert got.tokens[0][0] == full.tokens[0][0]
+    assert 1e-5 < abs(got.logprobs[0][0] - full.logprobs[0][0]) < 0.1
+
+    copy = mixed.leaves_for("oi", "bfloat16")
+    floating = [x for x in copy if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floating and all(x.dtype == jnp.bfloat16 for x in floating)
+    assert mixed.leaves_for("oi", "bfloat16") is copy  # made once while the weights stay
+    # a one-row generation decodes on the f32 weights after the (bf16) prompt prefill
+    seen, decode = [], mixed._decode
+    mixed._decode = lambda *a, **k: seen.append((k["dtype"], a[0][0].dtype)) or decode(*a, **k)
+    one = mixed.generate(PROMPTS[:1], s, return_logprobs=True)
+    mixed._decode = decode
+    assert set(seen) == {(None, np.dtype("float32"))} and len(seen) == len(one.tokens[0]) - 1
+    assert one.tokens[0][:4] == f32.generate(PROMPTS[:1], s).tokens[0][:4]
+    q = f32.model.layers[0].self_attn.q_proj
+    q.weight.set_value(q.weight[...] * -1.0)
+    assert mixed.leaves_for("oi", "bfloat16") is not copy
+    assert mixed.generate(PROMPTS, s).tokens != got.tokens
+
+    monkeypatch.setenv(BATCHED_DTYPE_ENV, "bfloat16")
+    assert Generator(f32.model, tokenizer, **kw).step_weights(3) == ("oi", "bfloat16")
+    # the batched steps take the layout measured for their own dtype
+    import jaxkd.models.generate as G
+    from jaxkd.models.layout import LayoutChoice
+
+    monkeypatch.setattr(G, "choose_layout", lambda cfg, dtype, mode: LayoutChoice(
+        "oi", "io" if jnp.dtype(dtype) == jnp.bfloat16 else "oi", f"fake {jnp.dtype(dtype).name}"))
+    auto = Generator(f32.model, tokenizer, **{**kw, "weight_layout": "auto"})
+    assert auto.step_weights(1) == ("oi", None) and auto.step_weights(2) == ("io", "bfloat16")
+    assert auto.layouts.source == "fake float32; bfloat16: fake bfloat16"
+    monkeypatch.setenv(BATCHED_DTYPE_ENV, "float16")
+    with pytest.raises(ValueError, match="batched_dtype 'float16'"):
+        Generator(f32.model, tokenizer, **kw)

@@ -16,7 +16,11 @@
   real vocabulary: the teacher stage, rescoring checks and GRPO read them from here.
 - Projection weights can be multiplied from an ``[in, out]`` copy where this CPU does that faster
   (``weight_layout``; measured once per machine by ``jaxkd.models.layout``): batch-1 decode
-  steps and batched steps may each use either layout. The model's own weights are not changed.
+  steps and batched steps may each use either layout. ``batched_dtype="bfloat16"`` runs prefill
+  and every step wider than one row on a bf16 copy of the weights (f32 accumulation, KV cache
+  kept in the model's dtype) while one-row steps keep the model's dtype: where the CPU has fast
+  bf16 dots, batched decode gains most and batch-1 decode (slower in bf16 there) loses nothing.
+  The model's own weights are not changed.
 - ``prefill_fn`` / ``decode_fn`` are pure functions of (params, cache, ...); with the cache
   helpers of ``jaxkd.models.kvcache`` they are the pieces a serving loop composes.
 """
@@ -24,6 +28,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import weakref
 from typing import Any, Iterator, Mapping, Sequence
@@ -113,21 +118,35 @@ def _sample_and_capture(logits_bv: jax.Array, keys_b: jax.Array, positions_b: ja
     return tok_b, out
 
 
-def _merge(graphdef: nnx.GraphDef, params: nnx.State, layout: str | None) -> Decoder:
+BATCHED_DTYPE_ENV = "JAXKD_BATCHED_DTYPE"
+BATCHED_DTYPES = ("float32", "bfloat16")
+
+
+def set_compute_dtype(model: nnx.Module, dtype: Any) -> None:
+    """Run ``model``'s matmuls in ``dtype`` (every module that has a ``compute_dtype``)."""
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "compute_dtype"):
+            m.compute_dtype = dtype
+
+
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, layout: str | None, dtype: str | None = None) -> Decoder:
     model = nnx.merge(graphdef, params)
     if layout is not None:
         relayout_projections(model, layout, transpose=False)
+    if dtype is not None:  # params hold a cast copy: compute in its dtype too
+        set_compute_dtype(model, jnp.dtype(dtype))
     return model
 
 
 def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt: jax.Array,
                pos_bt: jax.Array, seg_bt: jax.Array, keys_b: jax.Array, temperature: jax.Array,
                top_p: jax.Array, kind: SamplerKind, capture: Capture = Capture(), layout: str | None = None,
-               ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
+               dtype: str | None = None) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
     """Run right-padded prompts (``seg_bt`` 1 on real tokens) into the cache from each row's
     ``cache.index`` on; sample each row's next token from its last real position. ``layout``:
-    the projection layout ``params`` hold (None: the graphdef's)."""
-    model = _merge(graphdef, params, layout)
+    the projection layout ``params`` hold (None: the graphdef's); ``dtype``: the dtype they were
+    cast to, which the matmuls then run in (None: the graphdef's compute dtype)."""
+    model = _merge(graphdef, params, layout, dtype)
     h_btd, cache = model(ids_bt, pos_bt, cache=cache, segment_ids_bt=seg_bt, return_hidden=True)
     last_b = jnp.maximum(jnp.sum(seg_bt != 0, axis=1) - 1, 0)
     h_b1d = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)
@@ -138,10 +157,10 @@ def prefill_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, ids_bt
 
 def decode_fn(graphdef: nnx.GraphDef, params: nnx.State, cache: KVCache, tok_b: jax.Array,
               keys_b: jax.Array, temperature: jax.Array, top_p: jax.Array, kind: SamplerKind,
-              capture: Capture = Capture(), layout: str | None = None,
+              capture: Capture = Capture(), layout: str | None = None, dtype: str | None = None,
               ) -> tuple[jax.Array, dict[str, jax.Array], KVCache]:
     """Feed one token per row (at that row's position ``cache.index``), sample the next one."""
-    model = _merge(graphdef, params, layout)
+    model = _merge(graphdef, params, layout, dtype)
     logits_b1v, cache = model(tok_b[:, None], cache.index[:, None], cache=cache)
     tok_b, out = _sample_and_capture(logits_b1v[:, 0], keys_b, cache.index, temperature, top_p, kind,
                                      capture)
@@ -206,12 +225,14 @@ class Generator:
     (default: per machine, measured; see ``jaxkd.models.layout``), "oi" / "io" (every step in
     that layout) or "stored" (every step on the weights as the model holds them: no copy, for
     memory); a layout the model does not hold is a transposed copy. ``self.layouts`` says what
-    was chosen.
+    was chosen. ``batched_dtype``: the dtype prefill and steps wider than one row compute in
+    ("float32" / "bfloat16"; None: ``$JAXKD_BATCHED_DTYPE``, else the model's own), from a cast
+    copy of the weights; one-row steps always use the model's dtype.
     """
 
     def __init__(self, model: Decoder, tokenizer: Any, *, max_seq_len: int = 2048, prompt_bucket: int = 64,
                  window_bucket: int = WINDOW_BUCKET, compact: bool = True, min_shared_prefix: int = 32,
-                 weight_layout: str = "auto"):
+                 weight_layout: str = "auto", batched_dtype: str | None = None):
         if prompt_bucket <= 0 or max_seq_len <= 0 or window_bucket <= 0:
             raise ValueError(f"prompt_bucket ({prompt_bucket}), max_seq_len ({max_seq_len}) and "
                              f"window_bucket ({window_bucket}) must be > 0")
@@ -236,24 +257,32 @@ class Generator:
         self._treedef = jax.tree.structure(nnx.state(model))
         graphdef, treedef = self.graphdef, self._treedef
 
-        def prefill(leaves, cache, *args, kind, capture, layout):
+        def prefill(leaves, cache, *args, kind, capture, layout, dtype):
             return prefill_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
-                              capture=capture, layout=layout)
+                              capture=capture, layout=layout, dtype=dtype)
 
-        def decode(leaves, cache, *args, kind, capture, layout):
+        def decode(leaves, cache, *args, kind, capture, layout, dtype):
             return decode_fn(graphdef, jax.tree.unflatten(treedef, leaves), cache, *args, kind=kind,
-                             capture=capture, layout=layout)
+                             capture=capture, layout=layout, dtype=dtype)
 
-        statics = ("kind", "capture", "layout")
+        statics = ("kind", "capture", "layout", "dtype")
         self._prefill = jax.jit(prefill, static_argnames=statics, donate_argnames=("cache",))
         self._decode = jax.jit(decode, static_argnames=statics, donate_argnames=("cache",))
-        self._init_layouts(weight_layout)
+        self._init_layouts(weight_layout, batched_dtype)
         self._take = jax.jit(take_rows)
         self._resize = jax.jit(resize_cache, static_argnames=("new_len",))
 
     # -- weight layouts ------------------------------------------------------------------------
 
-    def _init_layouts(self, mode: str) -> None:
+    def _init_layouts(self, mode: str, batched_dtype: str | None) -> None:
+        own = jnp.dtype(self.model.compute_dtype).name
+        if batched_dtype is None:
+            batched_dtype = os.environ.get(BATCHED_DTYPE_ENV) or own
+        if batched_dtype not in BATCHED_DTYPES:
+            raise ValueError(f"batched_dtype {batched_dtype!r} (argument or ${BATCHED_DTYPE_ENV}) must be "
+                             f"one of {BATCHED_DTYPES}")
+        # None: the weights as the model holds them; otherwise cast copies compute in it
+        self.batched_dtype = None if batched_dtype == own else batched_dtype
         projs = [m for _, m in nnx.iter_modules(self.model) if isinstance(m, Projection)]
         held = {p.layout for p in projs}
         if len(held) > 1:
@@ -264,32 +293,51 @@ class Generator:
             self.layouts = LayoutChoice(self.stored, self.stored, "stored")
         else:
             self.layouts = choose_layout(self.model.cfg, self.model.compute_dtype, mode)
-        other = "io" if self.stored == "oi" else "oi"
+            if self.batched_dtype is not None:  # the wide steps' layout is the one measured in their dtype
+                wide = choose_layout(self.model.cfg, jnp.dtype(self.batched_dtype), mode)
+                self.layouts = dataclasses.replace(self.layouts, many_rows=wide.many_rows,
+                                                   source=f"{self.layouts.source}; {self.batched_dtype}: {wide.source}")
+        self._other = "io" if self.stored == "oi" else "oi"
         by_id = {id(p.weight.get_value()): p for p in projs}
         leaves = jax.tree.leaves(nnx.state(self.model))
-        # (leaf index, permutation from the stored layout to the other) of every projection weight
-        self._perms = [(i, by_id[id(x)].flip_perm()) for i, x in enumerate(leaves) if id(x) in by_id]
-        perms = tuple(p for _, p in self._perms)
-        self._transpose = jax.jit(lambda ws: [jnp.transpose(w, p) for w, p in zip(ws, perms)])
-        self._other, self._copy_of = other, None
+        # permutation from the stored layout to the other, per leaf (None: not a projection weight)
+        self._perms = [by_id[id(x)].flip_perm() if id(x) in by_id else None for x in leaves]
+        self._floating = [bool(jnp.issubdtype(x.dtype, jnp.floating)) for x in leaves]
+        self._convert = jax.jit(
+            lambda xs, perms, dtype: [(x if p is None else jnp.transpose(x, p)).astype(dtype or x.dtype)
+                                      for x, p in zip(xs, perms)], static_argnames=("perms", "dtype"))
+        self._copies: dict[tuple[str, str | None], tuple[list, list[jax.Array]]] = {}
 
-    def leaves_for(self, layout: str) -> list[jax.Array]:
-        """The step's parameter leaves in ``layout``: the model's own when it holds them so, else a
-        transposed copy, made when first needed and again only when the model's weights are
-        replaced (e.g. by a training step)."""
+    def step_weights(self, rows: int) -> tuple[str, str | None]:
+        """(projection layout, cast dtype or None) a step over ``rows`` rows multiplies."""
+        return (self.layouts.one_row, None) if rows <= 1 else (self.layouts.many_rows, self.batched_dtype)
+
+    def leaves_for(self, layout: str, dtype: str | None = None) -> list[jax.Array]:
+        """The step's parameter leaves in ``layout`` (cast to ``dtype`` unless None): the model's
+        own when it holds them so, else a transposed and/or cast copy, made when first needed and
+        again only when the model's weights are replaced (e.g. by a training step)."""
         leaves = self._param_leaves()
-        if layout == self.stored:
-            return leaves
-        if layout != self._other:
+        if layout not in (self.stored, self._other):
             raise ValueError(f"unknown projection layout {layout!r}")
-        if self._copy_of is not None and all(r() is x for r, x in zip(self._copy_of[0], leaves)):
-            return self._copy_of[1]
-        self._copy_of = None  # drop the stale copy before making the next one
-        moved = self._transpose([leaves[i] for i, _ in self._perms])
+        if layout == self.stored and dtype is None:
+            return leaves
+        key = (layout, dtype)
+        held = self._copies.get(key)
+        if held is not None and all(r() is x for r, x in zip(held[0], leaves)):
+            return held[1]
+        # drop stale copies (the model's weights were replaced) before making the next one
+        self._copies = {k: v for k, v in self._copies.items()
+                        if all(r() is x for r, x in zip(v[0], leaves))}
+        flip = layout != self.stored
+        # only the leaves that change are copied (the others are shared with the model)
+        idx = [i for i, (p, f) in enumerate(zip(self._perms, self._floating))
+               if (flip and p is not None) or (dtype is not None and f)]
+        moved = self._convert([leaves[i] for i in idx], perms=tuple(self._perms[i] if flip else None for i in idx),
+                              dtype=dtype)
         copy = list(leaves)
-        for (i, _), w in zip(self._perms, moved):
-            copy[i] = w
-        self._copy_of = ([weakref.ref(x) for x in leaves], copy)
+        for i, x in zip(idx, moved):
+            copy[i] = x
+        self._copies[key] = ([weakref.ref(x) for x in leaves], copy)
         return copy
 
     # -- core loop -----------------------------------------------------------------------------
@@ -351,10 +399,10 @@ class Generator:
         if row_ids is not None and len(row_ids) != n:
             raise ValueError(f"{len(row_ids)} row_ids for {n} prompts")
         keys = row_keys(sampling.seed, np.arange(n) if row_ids is None else np.asarray(row_ids))
-        params = {name: self.leaves_for(name) for name in {self.layouts.many_rows, self.layouts.for_rows(n)}}
+        wide = self.step_weights(2)  # prefill: every prompt's rows at once
+        params = {w: self.leaves_for(*w) for w in {wide, self.step_weights(n)}}
         if self.compact and n > 1:  # compaction can bring the batch down to one row
-            params.setdefault(self.layouts.one_row, self.leaves_for(self.layouts.one_row))
-        wide = self.layouts.many_rows
+            params.setdefault(self.step_weights(1), self.leaves_for(*self.step_weights(1)))
         shared = self._shared_prefix(prompts)
         ids, pos, seg = self._layout([p[shared:] for p in prompts], offset=shared)
         size = max(shared + ids.shape[1], self._window(int(lengths.max()) + 1))
@@ -362,13 +410,14 @@ class Generator:
         t0 = time.perf_counter()
         if shared:  # prefill the common prefix once, copy it to every row, then the rest per row
             one = init_cache(self.model.cfg, 1, size, self.model.compute_dtype)
-            _, _, one = self._prefill(params[wide], one, *self._layout([prompts[0][:shared]]),
-                                      keys[:1], temperature, top_p, kind=kind, capture=Capture(), layout=wide)
+            _, _, one = self._prefill(params[wide], one, *self._layout([prompts[0][:shared]]), keys[:1],
+                                      temperature, top_p, kind=kind, capture=Capture(), layout=wide[0],
+                                      dtype=wide[1])
             cache = self._take(one, np.zeros(n, np.int32))
         else:
             cache = init_cache(self.model.cfg, n, size, self.model.compute_dtype)
         tok, out, cache = self._prefill(params[wide], cache, ids, pos, seg, keys, temperature, top_p, **statics,
-                                        layout=wide)
+                                        layout=wide[0], dtype=wide[1])
         slot_rows = np.arange(n)          # the prompt row each batch slot holds (-1: filler)
         index = lengths.astype(np.int64)  # per slot: the position (= cache slot) fed next
         produced, done = np.zeros(n, np.int64), np.zeros(n, bool)
@@ -390,9 +439,9 @@ class Generator:
                 need = int(index[live].max()) + 1
                 if need > cache.max_len:
                     cache = self._resize(cache, new_len=self._window(need))
-                layout = self.layouts.for_rows(len(slot_rows))
-                tok, out, cache = self._decode(params[layout], cache, tok, keys, temperature, top_p, **statics,
-                                               layout=layout)
+                step = self.step_weights(len(slot_rows))
+                tok, out, cache = self._decode(params[step], cache, tok, keys, temperature, top_p, **statics,
+                                               layout=step[0], dtype=step[1])
                 index = index + 1
                 nxt = (tok, out, slot_rows)
             p_tok, p_out, p_rows = pending
@@ -503,8 +552,8 @@ class Generator:
         kind = SamplerKind.of(sampling, self.vocab)
         temperature, top_p = sampler_scalars(sampling)
         for b in batch_sizes:
-            layout = self.layouts.for_rows(b)
-            params = self.leaves_for(layout)
+            layout, dtype = self.step_weights(b)
+            params = self.leaves_for(layout, dtype)
             events = self._events([[self.pad_id]] * b, sampling, Capture(), {})
             for i, _ in enumerate(events):
                 if i >= 1:
@@ -517,4 +566,4 @@ class Generator:
                 cache = init_cache(self.model.cfg, b, size, self.model.compute_dtype)
                 tok = jnp.full((b,), self.pad_id, jnp.int32)
                 jax.block_until_ready(self._decode(params, cache, tok, keys, temperature, top_p, kind=kind,
-                                                   capture=Capture(), layout=layout)[0])
+                                                   capture=Capture(), layout=layout, dtype=dtype)[0])
