@@ -216,7 +216,8 @@ def run_decode(model: str, impls: dict[str, Path], batch_sizes: Sequence[int], n
                           "decode_tok_s_best": b * (n - 1) / min(x["decode_s"] for x in xs),
                           "decode_tok_s_median": b * (n - 1) / statistics.median(x["decode_s"] for x in xs),
                           "e2e_tok_s_median": b * n / statistics.median(x["wall_s"] for x in xs),
-                          "first_row_tokens": xs[0]["tokens"][:40]}
+                          "first_row_tokens": xs[0]["tokens"][:40],
+                          "row_tokens": xs[0].get("all_tokens")}
                    for name, xs in reps_out.items()}}
     finally:
         for w in workers.values():

@@ -69,6 +69,12 @@ def load(msg: dict[str, Any]) -> dict[str, Any]:
     gathered = emb.size * emb.dtype.itemsize if pre.model.lm_head is not None else 0
     out = {"load_s": time.perf_counter() - t0, "jaxkd_file": jaxkd.__file__,
            "param_bytes": total, "weight_bytes_per_step": total - gathered}
+    batched = getattr(STATE["gen"], "batched_dtype", None)  # older checkouts: one dtype
+    if batched is not None:  # steps over more than one row read a copy cast to this dtype
+        size = jax.numpy.dtype(batched).itemsize
+        out["batched_dtype"] = batched
+        out["weight_bytes_per_wide_step"] = sum(x.size * size for x in leaves) - (
+            emb.size * size if pre.model.lm_head is not None else 0)
     lay = getattr(STATE["gen"], "layouts", None)  # older checkouts have one layout
     if lay is not None:
         out["layouts"] = {"one_row": lay.one_row, "many_rows": lay.many_rows, "source": lay.source}
@@ -93,7 +99,7 @@ def decode(msg: dict[str, Any]) -> dict[str, Any]:
         prefill_s = run(1)[0]  # the first token (prefill) alone, timed just before
         wall, seq = run(n)
         return {"wall_s": wall, "prefill_s": prefill_s, "decode_s": wall - prefill_s,
-                "tokens": [int(t) for t in seq[0]], "rows": len(prompts)}
+                "tokens": [int(t) for t in seq[0]], "all_tokens": seq.tolist(), "rows": len(prompts)}
     from jaxkd.config import SamplingConfig
 
     t = time.perf_counter()
@@ -102,7 +108,7 @@ def decode(msg: dict[str, Any]) -> dict[str, Any]:
     if any(len(x) != n for x in out.tokens):
         raise RuntimeError(f"rows generated {[len(x) for x in out.tokens]} tokens, not {n}")
     return {"wall_s": wall, "prefill_s": out.prefill_s, "decode_s": out.decode_s,
-            "tokens": out.tokens[0], "rows": len(prompts)}
+            "tokens": out.tokens[0], "all_tokens": out.tokens, "rows": len(prompts)}
 
 
 def logits(msg: dict[str, Any]) -> dict[str, Any]:
