@@ -11,6 +11,8 @@
    chat-formatted troubleshooting prompts, greedy, float32, exactly N new tokens per row (EOS
    ignored), batch 1, 8 and 32, with each implementation's share of the weight-streaming
    roofline ``batch * bandwidth / weight bytes read per step``;
+   and next to each a compute-side bound: the step's matmuls alone (every projection and the lm
+   head, ``run_matmuls``) timed at the same row count;
 4. weights: the real 0.5B with bf16 weights (f32 or bf16 compute) next to f32: decode speed and
    agreement with f32 (issue 10 item 7; int8 is in the layout microbenchmark);
 5. teacher (the 1.5B): the teacher stage itself (``run_teacher``: real teacher prompts, top-k
@@ -172,6 +174,70 @@ def git_rev(src: Path) -> str:
         return "unknown"
 
 
+def run_matmuls(model: str, batch_sizes: Sequence[int], reps: int, dtypes: Sequence[str]) -> dict[str, Any]:
+    """The matmul floor of one decode step: a jitted chain of every projection of every layer
+    (distinct random weights, in the layout ``jaxkd.models.layout`` picks for that row count and
+    dtype) and the [V, D] lm head, nothing else (no attention, norms, sampling), at ``b`` rows.
+    A decode step cannot be faster than its matmuls: ``b / floor`` bounds tok/s from the compute
+    side as the bandwidth roofline does from the memory side. Also the machine's large-matmul rate
+    (2048^3) in each dtype."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxkd.config import load_model_spec
+    from jaxkd.models import resolve_hf_dir
+    from jaxkd.models.layout import choose, layer_shapes
+    from jaxkd.models.params import read_hf_config
+
+    cfg = read_hf_config(resolve_hf_dir(load_model_spec(model)))
+    shapes = layer_shapes(cfg)
+    d, q, kv = cfg.hidden_size, shapes[0][1], shapes[1][1]
+    out: dict[str, Any] = {"model": model, "layers": cfg.num_layers, "vocab": cfg.vocab_size, "runs": {}}
+    for name in dtypes:
+        dtype = jnp.dtype(name)
+        big = jnp.ones((2048, 2048), dtype)
+        mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+        mm(big).block_until_ready()
+        t = [_timed(lambda: mm(big).block_until_ready()) for _ in range(reps)]
+        out.setdefault("peak_GFLOPs", {})[name] = 2 * 2048 ** 3 / min(t) / 1e9
+        choice = choose(cfg, dtype)
+        keys = iter(jax.random.split(jax.random.key(0), 7 * cfg.num_layers + 1))
+        head = jax.random.normal(next(keys), (cfg.vocab_size, d), dtype) * 0.02
+        w = {"oi": [], "io": []}
+        for _ in range(cfg.num_layers):
+            for i, o in shapes:
+                x = jax.random.normal(next(keys), (o, i), dtype) * 0.02
+                w["oi"].append(x)
+        for b in batch_sizes:
+            layout = choice.for_rows(b)
+            if layout == "io" and not w["io"]:
+                w["io"] = [jnp.asarray(x.T) for x in w["oi"]]
+            spec = "mi,io->mo" if layout == "io" else "mi,oi->mo"
+
+            def step(ws, head, h):
+                dot = lambda a, m: jnp.einsum(spec, a, m, preferred_element_type=jnp.float32).astype(dtype)
+                for li in range(0, len(ws), 7):
+                    l = ws[li:li + 7]
+                    a = dot(h, l[0]) + jnp.pad(dot(h, l[1]) + dot(h, l[2]), ((0, 0), (0, q - kv)))
+                    h = h + dot(a, l[3])
+                    h = h + dot(jax.nn.silu(dot(h, l[4])) * dot(h, l[5]), l[6])
+                return jnp.einsum("md,vd->mv", h, head, preferred_element_type=jnp.float32)
+
+            f = jax.jit(step)
+            h0 = jnp.ones((b, d), dtype) * 0.01
+            for _ in range(2):
+                f(w[layout], head, h0).block_until_ready()
+            ts = [_timed(lambda: f(w[layout], head, h0).block_until_ready()) for _ in range(reps)]
+            flops = 2 * b * (cfg.num_layers * sum(i * o for i, o in shapes) + cfg.vocab_size * d)
+            out["runs"][f"{name}/{b}"] = {"dtype": name, "batch": b, "layout": layout, "step_s": stats(ts),
+                                          "GFLOPs_best": flops / min(ts) / 1e9,
+                                          "tok_s_bound_best": b / min(ts), "tok_s_bound_median": b / statistics.median(ts)}
+            print(f"matmul floor {name} b={b} ({layout}): {1e3 * statistics.median(ts):.1f} ms/step", file=sys.stderr,
+                  flush=True)
+        del w, head
+    return out
+
+
 def run_layout(reps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "layout.json"
@@ -311,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--teacher-prompts", type=int, default=16, help="teacher prompts per repetition")
     ap.add_argument("--weights-new-tokens", type=int, default=32, help="new tokens per row, weight-dtype attempts")
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["layout", "transformers", "decode", "weights", "teacher"])
+                    choices=["layout", "matmuls", "transformers", "decode", "weights", "teacher"])
     ap.add_argument("--xla-flags", nargs="*", default=[], metavar="NAME=FLAGS",
                     help="also decode with this checkout under XLA_FLAGS=FLAGS, reported as NAME "
                          "(e.g. 'jaxkd-xnn=--xla_cpu_experimental_xnn_fusion_type=dot')")
@@ -350,6 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["src"]["baseline"] = f"{git_rev(args.baseline_src)} ({args.baseline_src})"
     res["bandwidth"] = measure_bandwidth(args.reps)
     print(f"bandwidth: {res['bandwidth']['best_GBps']:.1f} GB/s", file=sys.stderr, flush=True)
+    if "matmuls" not in args.skip:
+        res["matmuls"] = run_matmuls(args.model, args.batch_sizes, args.reps,
+                                     ["float32"] + (["bfloat16"] if any(
+                                         e.get("JAXKD_BATCHED_DTYPE") == "bfloat16" for e in envs.values()) else []))
     if "layout" not in args.skip:
         res["layout"] = run_layout(args.reps)
     if "decode" not in args.skip:

@@ -41,6 +41,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     lines += _summary(res)
     if "decode" in res:
         lines += _decode(res)
+    if "matmuls" in res:
+        lines += _matmuls(res)
     if "teacher" in res:
         lines += _teacher(res)
     if "weights" in res:
@@ -164,6 +166,27 @@ def _decode(res: dict[str, Any]) -> list[str]:
                            f"{'-' if first is None else first} |")
         out.append("")
     return out
+
+
+def _matmuls(res: dict[str, Any]) -> list[str]:
+    m = res["matmuls"]
+    dec = res.get("decode", {})
+    by_dtype = {"float32": "jaxkd", **{"bfloat16": n for n in _bf16_variants(res)}}
+    out = [f"## Compute side: the matmul floor of a decode step ({m['model']})", "",
+           f"One jitted chain of every projection of all {m['layers']} layers (random weights, in the layout "
+           "`jaxkd.models.layout` picks for that row count and dtype) and the lm head, nothing else: a decode step "
+           "cannot beat its own matmuls. Bound tok/s = batch / that time. Large-matmul rate of this machine "
+           "(2048^3): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in m["peak_GFLOPs"].items()) + ".", "",
+           "| batch | dtype | layout | matmuls ms min / median | GFLOP/s (best) | bound tok/s (median) | decode tok/s "
+           "(median) | decode / bound |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in m["runs"].values():
+        impl = by_dtype.get(r["dtype"]) if r["batch"] > 1 or r["dtype"] == "float32" else None
+        run = dec.get("runs", {}).get(str(r["batch"]), {}).get(impl) if impl else None
+        got = f"`{impl}` {run['decode_tok_s_median']:.2f}" if run else "-"
+        ratio = f"{run['decode_tok_s_median'] / r['tok_s_bound_median']:.0%}" if run else "-"
+        out.append(f"| {r['batch']} | {r['dtype']} | {r['layout']} | {_mm(r['step_s'], 1e3, '{:.1f}')} | "
+                   f"{r['GFLOPs_best']:.0f} | {r['tok_s_bound_median']:.1f} | {got} | {ratio} |")
+    return out + [""]
 
 
 def _teacher(res: dict[str, Any]) -> list[str]:

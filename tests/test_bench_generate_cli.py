@@ -46,6 +46,13 @@ def test_report_gives_a_bf16_variant_its_own_roofline_and_token_agreement(tmp_pa
                       "runs": {"8": {"batch": 8, "new_tokens": 4, "prompt_lens": [5, 6],
                                      "jaxkd": run(20.0, same), "baseline": run(16.0, same),
                                      "jaxkd-bf16": run(32.0, other)}}}}
+    res["matmuls"] = {"model": "m", "layers": 2, "vocab": 10, "peak_GFLOPs": {"float32": 200.0, "bfloat16": 380.0},
+                      "runs": {"float32/8": {"dtype": "float32", "batch": 8, "layout": "io",
+                                             "step_s": {"min": 0.1, "median": 0.2}, "GFLOPs_best": 60.0,
+                                             "tok_s_bound_best": 80.0, "tok_s_bound_median": 40.0},
+                               "bfloat16/8": {"dtype": "bfloat16", "batch": 8, "layout": "oi",
+                                              "step_s": {"min": 0.1, "median": 0.1}, "GFLOPs_best": 90.0,
+                                              "tok_s_bound_best": 80.0, "tok_s_bound_median": 80.0}}}
     path = tmp_path / "r.md"
     write_markdown(res, path)
     text = path.read_text()
@@ -56,3 +63,6 @@ def test_report_gives_a_bf16_variant_its_own_roofline_and_token_agreement(tmp_pa
            "(bf16 bytes) (median) | no |" in text
     assert "| 8 | `jaxkd-bf16` | 80.0 | 40% | 1 of 2 | 2 |" in text
     assert "| 0.5B decode, batch 8: >= 1.6x the previous code | 1.25x (medians) | no |" in text
+    # the compute side: each dtype's decode next to its own matmul floor
+    assert "| 8 | float32 | io | 100.0 / 200.0 | 60 | 40.0 | `jaxkd` 20.00 | 50% |" in text
+    assert "| 8 | bfloat16 | oi | 100.0 / 100.0 | 90 | 80.0 | `jaxkd-bf16` 32.00 | 40% |" in text

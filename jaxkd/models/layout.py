@@ -141,6 +141,7 @@ def choose(cfg: ModelConfig, dtype: Any, mode: str | None = None, *, remeasure: 
     """The layouts a ``Generator`` decodes ``cfg``-shaped weights of ``dtype`` with (see the module
     docstring for the order of the rules)."""
     import jax
+    import numpy as np
 
     source = "argument"
     if mode is None or mode == "auto":
@@ -164,7 +165,10 @@ def choose(cfg: ModelConfig, dtype: Any, mode: str | None = None, *, remeasure: 
         figs, source = cached[key]["figures"], "cached"
     else:
         figs, source = measure(cfg, dtype), "measured"
-        cached[key] = {"figures": figs, "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # self-describing for a reader of the file (the key is a hash of these and the CPU facts)
+        cached[key] = {"figures": figs, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                       "dtype": np.dtype(dtype).name, "layer_shapes_in_out": layer_shapes(cfg),
+                       "jax": jax.__version__}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
