@@ -524,6 +524,9 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     max_len: int = 288          # tokens per example (prompt + answer), padded/truncated
+    # stage=kd: each row of max_len holds as many examples as fit (one segment each) instead of one
+    # example padded to max_len: fewer steps per pass when answers are much shorter than max_len
+    pack: bool = False
     lr: float = 1e-5
     warmup_steps: int = 5
     schedule: Literal["cosine", "constant"] = "cosine"

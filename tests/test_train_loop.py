@@ -83,8 +83,10 @@ def _flat(res: K.KDResult) -> dict:
     return {**res.summary, "final_params": res.state["params"], "frozen": res.frozen}
 
 
-def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, tok, records):
-    full = _flat(_run(cache_dir, "full", tok, records))
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, tok, records, pack):
+    kw = dict(pack=True, max_len=2 * MAX_LEN) if pack else {}   # packed: room for several examples a row
+    full = _flat(_run(cache_dir, f"full-{pack}", tok, records, **kw))
     assert len(full["losses"]) == 6 and np.isfinite(full["losses"]).all()
     assert full["losses"][-1] < full["losses"][0]  # it learns
 
@@ -94,8 +96,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, 
         return batch
 
     with pytest.raises(KeyboardInterrupt):
-        _run(cache_dir, "killed", tok, records, batch_hook=kill_at_3)
-    resumed = _flat(_run(cache_dir, "killed", tok, records, resume=True))
+        _run(cache_dir, f"killed-{pack}", tok, records, batch_hook=kill_at_3, **kw)
+    resumed = _flat(_run(cache_dir, f"killed-{pack}", tok, records, resume=True, **kw))
     assert resumed["resumed_from"] == 2
     assert resumed["losses"] == full["losses"][2:]  # bit-exact, sampler + weights + optimizer restored
     assert resumed["sampler"] == full["sampler"]
@@ -103,7 +105,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_losses_exactly(cache_dir, 
     rp = jax.tree_util.tree_leaves(resumed["final_params"])
     assert all(np.array_equal(a, b) for a, b in zip(fp, rp))
     # the sampler was re-weighted at steps 0, 2, 4 and that was logged
-    rows = [json.loads(s) for s in (cache_dir / "runs" / "full" / "metrics.jsonl").read_text().splitlines()]
+    if pack:  # rows hold more than one example each
+        assert full["packed"] == resumed["packed"] and full["packed"]["per_step"] > 2
+    else:
+        assert "packed" not in full
+    rows = [json.loads(s) for s in (cache_dir / "runs" / f"full-{pack}" / "metrics.jsonl").read_text().splitlines()]
     rw = [r for r in rows if "reweight/weights" in r]
     assert [r["step"] for r in rw] == [0, 2, 4]
     assert full["sampler"]["weights"] != {d: 1 / 3 for d in ("audio", "network", "wearable")}

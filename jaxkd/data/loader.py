@@ -240,6 +240,23 @@ def kd_row(ex: Any, *, max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
     return row
 
 
+def kd_pack_row(examples: Sequence[Any], *, max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
+    """Several examples in one KD row of ``max_len``, one segment each (``segment_ids`` 1..n,
+    positions restarting at 0, so attention never crosses examples), each laid out as ``kd_row``
+    lays it out alone (an example longer than ``max_len`` is cut the same way), then padding."""
+    parts = [kd_row(ex, max_len=min(len(ex.ids), max_len), top_k=top_k) for ex in examples]
+    used = sum(len(p["input_ids"]) for p in parts)
+    if not parts or used > max_len:
+        raise ValueError(f"{len(parts)} examples of {used} tokens do not fill one row of {max_len}")
+    row = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    row["segment_ids"] = np.concatenate([p["segment_ids"] * (i + 1) for i, p in enumerate(parts)]).astype(np.int32)
+    pad = max_len - used
+    for k, v in row.items():
+        fill = PAD_LOGPROB if k == "topk_logprobs" else 0
+        row[k] = np.concatenate([v, np.full((pad, *v.shape[1:]), fill, v.dtype)])
+    return row
+
+
 def kd_batch(examples: Sequence[Any], max_len: int, top_k: int = 0) -> dict[str, np.ndarray]:
     """``[B, T]`` (and ``[B, T, k]``) arrays of ``kd_row`` for each example, stacked."""
     rows = [kd_row(ex, max_len=max_len, top_k=top_k) for ex in examples]
@@ -282,17 +299,76 @@ class SampledDataset(grain.IterDataset):
         return f"SampledDataset(sampler={type(self.sampler).__name__})"
 
 
+class _PackedIterator(grain.DatasetIterator):
+    def __init__(self, ds: "PackedKDDataset"):
+        super().__init__()
+        self._ds, self._carry = ds, []   # drawn examples not placed yet, oldest first
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        ds = self._ds
+        length = lambda i: min(len(ds.examples[i].ids), ds.max_len)
+        pool = [(True, i) for i in self._carry]
+        # draw until the batch could be full: then no row is left empty
+        while sum(length(i) for _, i in pool) < ds.batch_size * ds.max_len:
+            pool.append((False, int(ds.sampler.next_indices(1)[0])))
+        rows: list[list[int]] = [[] for _ in range(ds.batch_size)]
+        used = [0] * ds.batch_size
+        carry = []
+        # first fit, examples carried over first (none waits long), then longest first
+        for carried, i in sorted(pool, key=lambda ci: (not ci[0], -length(ci[1]))):
+            r = next((r for r in range(ds.batch_size) if used[r] + length(i) <= ds.max_len), None)
+            if r is None:
+                carry.append(i)
+            else:
+                rows[r].append(i)
+                used[r] += length(i)
+        self._carry = carry
+        packed = [kd_pack_row([ds.examples[i] for i in row], max_len=ds.max_len, top_k=ds.top_k) for row in rows]
+        return {k: np.stack([p[k] for p in packed]) for k in packed[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"sampler": self._ds.sampler.get_state(), "carry": list(self._carry)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._ds.sampler.set_state(state["sampler"])
+        self._carry = [int(i) for i in state["carry"]]
+
+
+class PackedKDDataset(grain.IterDataset):
+    """Batches of ``batch_size`` KD rows of ``max_len``, each holding as many examples (drawn by
+    ``sampler``, in its order) as fit (``kd_pack_row``): with answers of a few hundred tokens,
+    right-padding each example to ``max_len`` would spend much of every step on padding. Draws are
+    placed first fit, longest first; what does not fit waits (first) for the next batch, so every
+    drawn example is trained on. The iterator's state (sampler state, waiting examples) is JSON-able
+    and resumes the exact next batch. One live iterator per dataset."""
+
+    def __init__(self, examples: Sequence[Any], sampler: Any, *, batch_size: int, max_len: int, top_k: int = 0):
+        super().__init__()
+        self.examples, self.sampler = list(examples), sampler
+        self.batch_size, self.max_len, self.top_k = batch_size, max_len, top_k
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackedIterator(self)
+
+    def __str__(self) -> str:
+        return f"PackedKDDataset(batch_size={self.batch_size}, max_len={self.max_len})"
+
+
 def kd_dataset(examples: Sequence[Any], sampler: Any, *, batch_size: int, max_len: int, top_k: int = 0,
-               grad_accum: int = 1) -> grain.IterDataset:
+               grad_accum: int = 1, pack: bool = False) -> grain.IterDataset:
     """The KD training pipeline: examples drawn by ``sampler`` -> ``kd_row`` -> batches of
     ``batch_size`` (-> groups of ``grad_accum`` micro-batches, ``[A, B, ...]``, when > 1).
+    ``pack``: rows hold several examples each (``PackedKDDataset``) instead of one, padded.
 
     Endless (the sampler draws with replacement); ``iter(ds).get_state()`` is JSON-able and
     ``set_state`` resumes the exact next batch.
     """
-    rows = grain.MapDataset.source(list(examples)).map(
-        functools.partial(kd_row, max_len=max_len, top_k=top_k))
-    ds = SampledDataset(rows, sampler).batch(batch_size, drop_remainder=True)
+    if pack:
+        ds = PackedKDDataset(examples, sampler, batch_size=batch_size, max_len=max_len, top_k=top_k)
+    else:
+        rows = grain.MapDataset.source(list(examples)).map(
+            functools.partial(kd_row, max_len=max_len, top_k=top_k))
+        ds = SampledDataset(rows, sampler).batch(batch_size, drop_remainder=True)
     return ds.batch(grad_accum, drop_remainder=True) if grad_accum > 1 else ds
 
 

@@ -147,6 +147,18 @@ def make_eval_step(graphdef: nnx.GraphDef, vocab: int, chunk_size: int = 2048) -
 # --------------------------------------------------------------------------------------------
 
 
+def _find_key(tree: Any, key: str) -> Any:
+    """The first value under ``key`` in nested dicts (a grain iterator state wraps its parent's)."""
+    if isinstance(tree, Mapping):
+        if key in tree:
+            return tree[key]
+        for v in tree.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
 def answer_rejection(entry: Any, record: Mapping[str, Any], question_index: int,
                      dist: DistillConfig) -> str | None:
     """Why a teacher answer should not be trained on under ``dist``'s checks, or None to keep it.
@@ -345,10 +357,12 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
     sampler = DomainSampler(_domains(train, key) + [REPLAY_DOMAIN] * len(replay), seed=tc.seed,
                             fixed={REPLAY_DOMAIN: cfg.replay.fraction} if replay else None)
     data = iter(kd_dataset(train + replay, sampler, batch_size=tc.batch_size, max_len=tc.max_len, top_k=top_k,
-                           grad_accum=tc.grad_accum))
-    val_batches = kd_eval_batches(val, tc.batch_size, tc.max_len, top_k) if val else []
+                           grad_accum=tc.grad_accum, pack=tc.pack))
+    # one example per row, padded to the longest one (not to a long packing max_len)
+    eval_len = lambda exs: min(tc.max_len, -(-max(len(ex.ids) for ex in exs) // 64) * 64)
+    val_batches = kd_eval_batches(val, tc.batch_size, eval_len(val), top_k) if val else []
     # measured inside the domain validation, so only where there is one
-    replay_val_batches = kd_eval_batches(replay_val, tc.batch_size, tc.max_len, top_k) \
+    replay_val_batches = kd_eval_batches(replay_val, tc.batch_size, eval_len(replay_val), top_k) \
         if replay_val and val_batches else []
 
     model = st.prepare_model(model, tc)
@@ -459,6 +473,9 @@ def run_kd(cfg: RunConfig, *, resume: bool = False, pretrained: Any = None,
         "train_examples_cut_by_max_len": sum(len(ex.ids) > tc.max_len for ex in train),
         "trainable_params": st.count(state["params"]), "loop_s": round(time.perf_counter() - t_loop, 1),
         "losses": losses, "sampler": sampler.get_state(), "system_prompt": system_prompt}
+    if tc.pack:  # examples per step vary: how many were trained on (drawn since step 0, less those waiting)
+        trained = sampler.get_state()["draws"] - len(_find_key(data.get_state(), "carry") or [])
+        summary["packed"] = {"examples_trained": trained, "per_step": round(trained / max(done, 1), 2)}
     if done < tc.steps:
         summary["stopped_early"] = {"planned_steps": tc.steps, "reason": best.stop_reason() if best else None}
     if eval_fn is not None:
