@@ -683,6 +683,9 @@ class GRPOConfig:
     overlong_buffer: int = 0          # DAPO soft length penalty over the last N tokens; 0: off
     overlong_penalty: float = 1.0     # penalty at max_new_tokens (linear over the buffer)
     recompute_logprobs: Literal["auto", "always"] = "auto"  # auto: only when sampler != trainer
+    # rollouts' batched decode steps on a bf16 copy of the policy (faster on CPUs with bf16 dots;
+    # jaxkd.models.generate); log pi_old is then recomputed by the trainer's own forward pass
+    rollout_dtype: Literal["float32", "bfloat16"] | None = None
     w_tech: float = 0.6               # R = w_tech * R_tech + w_lang * R_lang
     w_lang: float = 0.4
     seed: int = 0

@@ -220,3 +220,22 @@ def test_loop_under_lora_trains_only_adapters_with_the_base_as_reference(tok):
     # step 0's policy is the base (B = 0): its KL to the reference is 0; after an update it is not
     kls = [h["kl_ref"] for h in out["history"]]
     assert kls[0] == pytest.approx(0.0, abs=1e-6) and kls[1] > 0
+
+
+def test_bf16_rollouts_take_log_pi_old_from_the_trainer(tok):
+    """grpo.rollout_dtype=bfloat16: the rollouts' batched steps run on a bf16 copy, so the
+    sampler's log-probs are not the f32 policy's; the loop recomputes log pi_old with the trainer's
+    forward pass and logs the gap (absent, and not needed, with f32 rollouts)."""
+    from jaxkd.rl.loop import cycle_prompts, run_grpo
+
+    train = TrainConfig(steps=1, lr=1e-3, warmup_steps=0, trainable="all")
+    gaps = {}
+    for dtype in (None, "bfloat16"):
+        cfg = GRPOConfig(num_generations=4, prompts_per_step=2, max_new_tokens=8, rollout_dtype=dtype)
+        out = run_grpo(tiny_decoder(seed=3), tok, cycle_prompts(_prompts(tok), 0), _lowercase_reward, cfg, train,
+                       steps=1, reward_weights={"toy": 1.0}, max_seq_len=256, log=lambda s: None)
+        h = out["history"][0]
+        assert np.isfinite(h["loss"])
+        gaps[dtype] = h.get("logprob_gap_mean")
+    assert gaps[None] is None
+    assert 1e-4 < gaps["bfloat16"] < 0.5

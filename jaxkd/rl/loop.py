@@ -136,7 +136,8 @@ class RolloutSource:
         self.model, self.next_prompts, self.reward_fn, self.cfg = model, next_prompts, reward_fn, cfg
         self.weights, self.frozen, self.grad_accum, self.mesh = dict(weights), frozen, grad_accum, mesh
         self.advantage_sign = advantage_sign
-        self.gen = Generator(model, tokenizer, max_seq_len=max_seq_len, prompt_bucket=prompt_bucket)
+        self.gen = Generator(model, tokenizer, max_seq_len=max_seq_len, prompt_bucket=prompt_bucket,
+                             batched_dtype=cfg.rollout_dtype)
         self.logprob_fn = ro.make_logprob_fn(graphdef, cfg.temperature, vocab=self.gen.vocab, top_k=cfg.top_k,
                                              top_p=cfg.top_p)
         self.batch: dict[str, np.ndarray] | None = None
@@ -195,7 +196,8 @@ class RolloutSource:
         batch["advantages"] = adv.astype(np.float32)
 
         rec: dict[str, Any] = {}
-        if ro.needs_recompute(cfg, roll.sampler_logprob_kind):
+        # a sampler computing in another dtype than the trainer is not the policy being trained
+        if ro.needs_recompute(cfg, roll.sampler_logprob_kind) or self.gen.batched_dtype is not None:
             micro = cfg.rows // self.grad_accum
             with ctx:
                 pol, _ = ro.recompute_logprobs(self.logprob_fn, state["params"], self.frozen, batch, micro,
