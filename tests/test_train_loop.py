@@ -386,3 +386,26 @@ def test_answer_rejection_names_why_a_teacher_answer_is_dropped():
         assert K.answer_rejection(entry, rec, 0, DistillConfig()) is None
     with pytest.raises(ConfigError, match="min_step_coverage"):
         DistillConfig(min_step_coverage=1.5)
+
+
+def test_committed_answers_missing_from_the_cache_are_an_error_not_a_smaller_run(cache_dir, tok, records):
+    """A cache holding only some of the committed answers (e.g. new answers generated without
+    rescoring the committed ones) would train on part of the data without a word: refused, naming
+    the teacher stage that rebuilds the rest."""
+    import dataclasses
+
+    from jaxkd.distill.cache import TeacherCache
+
+    cfg = _cfg(cache_dir, "fill")
+    items = [it for s in ("train", "val") for it in T.teacher_prompts(cfg, s, records=records[s])]
+    T.export_stage_answers(cfg, items, T.provenance(cfg))
+    full = TeacherCache(cfg.teacher.cache_dir)
+    part = TeacherCache(cache_dir / "part-cache")
+    train_keys = [it.key for it in items if it.split == "train"]
+    for key in train_keys[:3]:
+        part.append(full.get(key), full.topk(full.get(key)))
+    partial = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache_dir=str(part.dir)))
+    with pytest.raises(ValueError, match="committed answer .* but none in the teacher cache .*stage=teacher"):
+        K.load_kd_examples(partial, "train", tok, need_topk=True, records=records["train"])
+    got, missing, _ = K.load_kd_examples(cfg, "train", tok, need_topk=True, records=records["train"])
+    assert got and missing == 0

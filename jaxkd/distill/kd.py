@@ -203,6 +203,15 @@ def load_kd_examples(cfg: RunConfig, split: str, tokenizer: Any, *, need_topk: b
                 + ("first" if need_topk else f"first, or commit {exported}"))
         entries = load_exported(exported)[1]
         source = None
+    else:
+        exported = answers_export_path(cfg)
+        committed = set(load_exported(exported)[1]) if exported.exists() else set()
+        lacking = [it.example_id for it in items if it.key not in entries and it.key in committed]
+        if lacking:  # committed answers whose top-k was never rebuilt here: training would skip them
+            raise ValueError(
+                f"split {split!r}: {len(lacking)} prompts have a committed answer in {exported} but none in "
+                f"the teacher cache {cache.dir} (e.g. {lacking[:3]}); run `python -m jaxkd.train --config ... "
+                "stage=teacher` first, which rebuilds their top-k by rescoring")
     out, missing, dropped = [], 0, {}
     for it in items:
         entry = entries.get(it.key)
